@@ -1,0 +1,20 @@
+# Two entry points: `make train` (main job on the built-in default) and `make test`.
+# Both create an isolated environment in .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+.PHONY: install train test
+install: $(BIN)/.installed
+
+train: install
+	$(BIN)/python train.py fit -c configs/default.yaml $(ARGS)
+
+test: install
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(ARGS)

@@ -1,0 +1,205 @@
+"""Training objectives: cross-entropy plus a regularizer (DESIGN §4), selectable by name.
+
+Every objective is called as ``out = objective(model, x, y)`` on a batch of images in [0, 1] and
+returns the scalar loss to backpropagate, the clean logits (for accuracy) and detached scalar terms
+for logging. Cost: one forward pass and one graph-carrying input gradient are shared by CE and the
+gap term; the curvature term adds exactly one more input gradient; the caller does one backward.
+
+=============  ==========================================================
+name           loss
+=============  ==========================================================
+vanilla        CE
+r2et           CE + l_G R_G (pair set ``boundary`` or ``all``) + l_H R_H
+r2et_noh       CE + l_G R_G                       (R2ET\\H)
+r2et_mm        CE + l_G R_G (pair set ``minmax``) + l_H R_H
+r2et_mm_noh    CE + l_G R_G (pair set ``minmax``) (R2ET-mm\\H)
+est_h          CE + l_H R_H
+grad_norm      CE + w ||g||^2
+=============  ==========================================================
+
+With ``adaptive=True`` each l_m = w_m (CE + 1) / |R_m| (detached), else l_m = w_m, where
+w_m = ``weight_gap`` / ``weight_curvature`` when given, else ``weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from explanations.regularizers import (
+    adaptive_weight,
+    check_pair_set,
+    curvature_term,
+    gap_term,
+    grad_norm_term,
+)
+from explanations.saliency import (
+    check_target,
+    explained_scalar,
+    num_features,
+    resolve_k,
+    saliency_from_gradient,
+)
+
+
+@dataclass
+class ObjectiveOutput:
+    """loss: scalar to backprop; logits: (B, K) of the clean forward; terms: detached scalars."""
+
+    loss: Tensor
+    logits: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class: ``objective(model, x, y) -> ObjectiveOutput``."""
+
+    name: str = "objective"
+    double_backprop: bool = False
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        raise NotImplementedError
+
+
+class Vanilla(Objective):
+    """Plain cross-entropy."""
+
+    name = "vanilla"
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        return ObjectiveOutput(ce, logits, {"ce": ce.detach()})
+
+
+def _check_weight(name: str, value: float | None) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or value < 0):
+        raise ValueError(f"{name}={value!r} must be a non-negative number")
+
+
+class _InputGradientObjective(Objective):
+    """Shared first half: one forward with input gradients enabled, CE, graph-carrying g(x)."""
+
+    double_backprop = True
+
+    def __init__(self, target: str = "loss") -> None:
+        check_target(target)
+        self.target = target
+
+    def _forward(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        ce_per_sample = F.cross_entropy(logits, y, reduction="none")
+        scalar = ce_per_sample if self.target == "loss" else explained_scalar(logits, y, self.target)
+        (grad,) = torch.autograd.grad(scalar.sum(), x, create_graph=True)
+        return x, logits, ce_per_sample.mean(), grad
+
+
+class ThicknessSurrogate(_InputGradientObjective):
+    """R2ET family: CE + l_G R_G (optional) + l_H R_H (optional)."""
+
+    def __init__(
+        self,
+        gap: bool = True,
+        curvature: bool = True,
+        k: int | float = 0.1,
+        pair_set: str = "boundary",
+        minmax_m: int | None = None,
+        h: float = 1e-3,
+        adaptive: bool = True,
+        weight: float = 1.0,
+        weight_gap: float | None = None,
+        weight_curvature: float | None = None,
+        target: str = "loss",
+        pool: int | None = None,
+        name: str = "r2et",
+    ) -> None:
+        super().__init__(target)
+        if not (gap or curvature):
+            raise ValueError("a thickness surrogate needs the gap term, the curvature term, or both")
+        check_pair_set(pair_set)
+        for label, value in (("weight", weight), ("weight_gap", weight_gap), ("weight_curvature", weight_curvature)):
+            _check_weight(label, value)
+        if not h > 0:
+            raise ValueError(f"h={h!r} must be a positive finite-difference step")
+        if pool is not None and pool < 1:
+            raise ValueError(f"pool={pool!r} must be a positive integer or null")
+        self.gap, self.curvature = gap, curvature
+        self.k, self.pair_set, self.minmax_m, self.h = k, pair_set, minmax_m, h
+        self.adaptive, self.pool, self.name = adaptive, pool, name
+        self.weight_gap = weight if weight_gap is None else weight_gap
+        self.weight_curvature = weight if weight_curvature is None else weight_curvature
+
+    def _lambda(self, base: float, ce: Tensor, term: Tensor) -> Tensor:
+        if self.adaptive:
+            return adaptive_weight(base, ce, term)
+        return torch.as_tensor(base, dtype=term.dtype, device=term.device)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        x, logits, ce, grad = self._forward(model, x, y)
+        loss = ce
+        terms: dict[str, Tensor] = {"ce": ce.detach()}
+        if self.gap:
+            s = saliency_from_gradient(grad, self.pool)
+            k = resolve_k(self.k, num_features(*x.shape[-2:], self.pool))
+            r_g = gap_term(s, k, self.pair_set, self.minmax_m).mean()
+            lam = self._lambda(self.weight_gap, ce, r_g)
+            loss = loss + lam * r_g
+            terms.update(gap=r_g.detach(), topk_margin=-r_g.detach(), lambda_gap=lam.detach())
+        if self.curvature:
+            r_h = curvature_term(model, x, y, grad, self.h, self.target).mean()
+            lam = self._lambda(self.weight_curvature, ce, r_h)
+            loss = loss + lam * r_h
+            terms.update(curvature=r_h.detach(), lambda_curvature=lam.detach())
+        terms["loss"] = loss.detach()
+        return ObjectiveOutput(loss, logits, terms)
+
+
+class GradientNorm(_InputGradientObjective):
+    """Double backprop (Drucker & LeCun; Ross & Doshi-Velez): CE + w ||g(x)||^2."""
+
+    name = "grad_norm"
+
+    def __init__(self, weight: float = 1.0, target: str = "loss") -> None:
+        super().__init__(target)
+        _check_weight("weight", weight)
+        self.weight = weight
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        _, logits, ce, grad = self._forward(model, x, y)
+        norm = grad_norm_term(grad).mean()
+        loss = ce + self.weight * norm
+        return ObjectiveOutput(loss, logits, {"ce": ce.detach(), "grad_norm": norm.detach(), "loss": loss.detach()})
+
+
+_THICKNESS = {
+    "r2et": dict(gap=True, curvature=True),
+    "r2et_noh": dict(gap=True, curvature=False),
+    "r2et_mm": dict(gap=True, curvature=True, pair_set="minmax"),
+    "r2et_mm_noh": dict(gap=True, curvature=False, pair_set="minmax"),
+    "est_h": dict(gap=False, curvature=True),
+}
+_THICKNESS_ARGS = ("k", "pair_set", "minmax_m", "h", "adaptive", "weight", "weight_gap", "weight_curvature", "target", "pool")
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {"vanilla": lambda **_: Vanilla()}
+for _name, _fixed in _THICKNESS.items():
+    OBJECTIVES[_name] = lambda _fixed=_fixed, _name=_name, **kw: ThicknessSurrogate(
+        name=_name, **{**{a: kw[a] for a in _THICKNESS_ARGS if a in kw}, **_fixed}
+    )
+OBJECTIVES["grad_norm"] = lambda **kw: GradientNorm(**{a: kw[a] for a in ("weight", "target") if a in kw})
+
+
+def register_objective(name: str, factory: Callable[..., Objective]) -> None:
+    """Add an objective factory ``factory(**config) -> Objective`` under ``name``."""
+    OBJECTIVES[name] = factory
+
+
+def build_objective(name: str, **config) -> Objective:
+    """Build the objective ``name`` from the shared config keys (unused keys are ignored)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} is not known; valid: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**config)
