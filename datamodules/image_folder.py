@@ -1,0 +1,267 @@
+"""Robust image-folder dataset and helpers shared by the file-based DataModules.
+
+Layout of one split: ``<split_dir>/<class>/**/<image>`` (any depth below the class folder).
+Items are ``(image, label)`` with ``image`` whatever the transform returns (a float (C, H, W)
+tensor in [0, 1] for the project's transforms, which end at ``ToTensor()``) and ``label`` an int.
+
+Decoding errors (corrupt or truncated files) never surface as a bare PIL trace mid-epoch:
+
+- ``bad_images="error"``: :class:`BadImageError` (a ``ValueError``) naming the file and
+  suggesting ``bad_images: skip``.
+- ``bad_images="skip"``: ``__getitem__`` returns ``None``, ``dataset.num_skipped`` counts the
+  skipped reads (per process: with ``num_workers > 0`` the count lives in the worker processes) and
+  a warning names each skipped file once per process. The DataModules' dataloaders use
+  :class:`SkipNoneCollate`, which drops the ``None`` items from a batch; a batch whose items are all
+  bad becomes an empty batch (``images.shape[0] == 0``) that training/eval steps should skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+log = logging.getLogger(__name__)
+
+# Truncated files must raise on load() instead of being silently padded with grey (the PIL default,
+# restated here in case anything else flipped it).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+BadImagesPolicy = Literal["error", "skip"]
+
+
+class BadImageError(ValueError):
+    """An image file could not be decoded (corrupt, truncated or not an image).
+
+    ``path`` is the file, ``reason`` the decoder's error in one line.
+    """
+
+    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self):  # keep path/reason when re-raised from a DataLoader worker
+        return type(self), (str(self), self.path, self.reason)
+
+
+def check_bad_images(bad_images: str) -> None:
+    if bad_images not in ("error", "skip"):
+        raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
+
+
+def list_class_folders(split_dir: str) -> list[str]:
+    """Sorted names of the (non-hidden) sub-folders of ``split_dir``."""
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"split folder not found: {split_dir}")
+    return sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+    )
+
+
+def _list_images(folder: str) -> list[str]:
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
+                paths.append(os.path.join(dirpath, name))
+    return paths
+
+
+def make_samples(split_dir: str, class_to_idx: Mapping[str, int]) -> list[tuple[str, int]]:
+    """``(path, label)`` for every image of the listed classes in ``split_dir``.
+
+    Folders of ``split_dir`` not in ``class_to_idx`` are ignored. A listed class without a folder,
+    a class folder without images, or an empty split raise ``ValueError``.
+    """
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"split folder not found: {split_dir}")
+    missing = [c for c in class_to_idx if not os.path.isdir(os.path.join(split_dir, c))]
+    if missing:
+        raise ValueError(f"class folder(s) {missing} not found in {split_dir}")
+    samples: list[tuple[str, int]] = []
+    for cls, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+        paths = _list_images(os.path.join(split_dir, cls))
+        if not paths:
+            raise ValueError(
+                f"class folder {os.path.join(split_dir, cls)} holds no images "
+                f"(extensions {', '.join(IMG_EXTENSIONS)})"
+            )
+        samples.extend((p, idx) for p in paths)
+    if not samples:
+        raise ValueError(f"no images found in {split_dir}")
+    return samples
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB; any decoding failure raises ``BadImageError``."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so truncated files fail here and not later
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib errors, ...
+        reason = f"{type(exc).__name__}: {exc}"
+        raise BadImageError(
+            f"cannot decode image file {path} ({reason}). Remove or replace the file, or set "
+            f"`bad_images: skip` on the DataModule to drop unreadable images.",
+            path,
+            reason,
+        ) from None
+
+
+class RobustImageFolder(Dataset):
+    """Dataset over explicit ``(path, label)`` samples; items are ``(transform(rgb_pil), label)``.
+
+    ``classes[i]`` is the name of label ``i``. With ``bad_images="skip"`` an unreadable file gives
+    ``None`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        transform: Callable[[Image.Image], Any] | None = None,
+        bad_images: BadImagesPolicy = "error",
+    ) -> None:
+        check_bad_images(bad_images)
+        if len(samples) == 0:
+            raise ValueError("RobustImageFolder got an empty list of samples")
+        self.samples = list(samples)
+        self.targets = [int(t) for _, t in self.samples]
+        self.classes = list(classes)
+        self.transform = transform
+        self.bad_images = bad_images
+        self.num_skipped = 0
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            img = load_rgb(path)
+        except BadImageError as exc:
+            if self.bad_images == "error":
+                raise
+            self.num_skipped += 1
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("skipping unreadable image %s (%s)", path, exc.reason)
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label
+
+
+class TransformSubset(Dataset):
+    """``base[indices[i]]`` with ``transform`` applied to the image (base yields (PIL, label))."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable | None = None):
+        self.base = base
+        self.indices = list(int(i) for i in indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        img, label = self.base[self.indices[index]]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(label)
+
+
+class SkipNoneCollate:
+    """Collate that drops ``None`` items; an all-``None`` batch gives empty tensors.
+
+    The empty batch is ``(float tensor (0, *image_shape), long tensor (0,))``.
+    """
+
+    def __init__(self, image_shape: Sequence[int]) -> None:
+        self.image_shape = tuple(int(s) for s in image_shape)
+
+    def __call__(self, batch: list):
+        items = [b for b in batch if b is not None]
+        if not items:
+            return torch.empty((0, *self.image_shape)), torch.empty(0, dtype=torch.long)
+        return default_collate(items)
+
+
+def stratified_split(
+    targets: Sequence[int], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Seeded class-balanced split of ``range(len(targets))`` into (train, val) index lists.
+
+    ``round(n * val_fraction)`` (at least 1 when ``val_fraction > 0``) indices go to val, shared
+    between classes in proportion to their size (largest remainders, ties broken by the seed).
+    Both lists are sorted.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    targets_np = np.asarray(targets, dtype=np.int64)
+    n = len(targets_np)
+    if val_fraction == 0.0 or n == 0:
+        return list(range(n)), []
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training images out of {n}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(targets_np, return_counts=True)
+    exact = counts * (n_val / n)
+    quota = np.floor(exact).astype(np.int64)
+    rest = n_val - int(quota.sum())
+    if rest > 0:
+        tiebreak = rng.permutation(len(classes))
+        order = np.lexsort((tiebreak, -(exact - quota)))  # largest remainder first
+        quota[order[:rest]] += 1
+    val: list[int] = []
+    for cls, q in zip(classes, quota):
+        idx = np.flatnonzero(targets_np == cls)
+        val.extend(rng.permutation(idx)[:q].tolist())
+    val_set = set(val)
+    train = [i for i in range(n) if i not in val_set]
+    return train, sorted(val)
+
+
+class DataLoaderMixin:
+    """Standard dataloaders for a DataModule with ``train/val/test_dataset`` and ``hparams``."""
+
+    train_dataset: Dataset | None
+    val_dataset: Dataset | None
+    test_dataset: Dataset | None
+
+    def _collate_fn(self) -> Callable | None:
+        return None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, name: str) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.{name} is not built: call setup() first")
+        num_workers = int(self.hparams.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=int(self.hparams.batch_size),
+            shuffle=shuffle,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=self._collate_fn(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, True, "train_dataset")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, False, "val_dataset")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, False, "test_dataset")

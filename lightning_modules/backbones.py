@@ -1,0 +1,736 @@
+"""Backbone builder: any timm model (or the CIFAR ResNet-9 registered here) behind a
+normalization layer, optionally with ReLU-type activations swapped for Softplus.
+
+Conventions (DESIGN §3): the returned model takes images in [0, 1] of shape (B, C, H, W) and
+returns logits of shape (B, num_classes); mean/std normalization is its first layer. Fused
+scaled-dot-product attention is switched off so that double backprop works.
+
+Importing this module registers ``resnet9`` in timm's model registry, so
+``timm.create_model("resnet9", num_classes=10)`` works afterwards.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "Normalize",
+    "NormalizedClassifier",
+    "ResNet9",
+    "build_backbone",
+    "disable_fused_attention",
+    "find_relu_activations",
+    "load_backbone_weights",
+    "replace_activations",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+ACTIVATIONS = ("relu", "softplus")
+
+# Module types treated as "ReLU-type" (piecewise linear / kinked) and swapped for Softplus.
+# timm's PReLU subclasses nn.PReLU, nn.ReLU6 subclasses nn.Hardtanh (Hardtanh itself is left alone).
+RELU_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+)
+
+# Functions treated as ReLU-type when a module stores them as an attribute (e.g. timm's
+# ``GammaAct.act_fn`` from ``get_act_fn('relu')``).
+_RELU_FUNCTIONS: tuple[Callable, ...] = (
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.leaky_relu_,
+    F.elu,
+    F.elu_,
+    F.celu,
+    F.rrelu,
+    F.prelu,
+    torch.relu,
+    torch.relu_,
+)
+
+# Source patterns of ReLU calls made directly in a module's code (these cannot be swapped).
+_FUNCTIONAL_RELU_RE = re.compile(
+    r"\b(?:F|torch|functional|nn\.functional)\.(?:relu6?_?|leaky_relu_?|elu_?|celu|rrelu)\s*\("
+    r"|\.relu_?\(\s*\)"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization wrapper
+# --------------------------------------------------------------------------------------------
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel. Buffers ``mean`` and ``std`` have shape (1, C, 1, 1).
+
+    Input (B, C, H, W) in pixel space [0, 1]; output of the same shape.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(tuple(float(m) for m in mean), dtype=torch.float32)
+        std_t = torch.as_tensor(tuple(float(s) for s in std), dtype=torch.float32)
+        if mean_t.ndim != 1 or mean_t.shape != std_t.shape or mean_t.numel() == 0:
+            raise ValueError(
+                f"mean and std must be non-empty sequences of equal length, got mean={tuple(mean)} "
+                f"and std={tuple(std)}"
+            )
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std must be positive, got std={tuple(std)}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        mean = tuple(round(v, 4) for v in self.mean.flatten().tolist())
+        std = tuple(round(v, 4) for v in self.std.flatten().tolist())
+        return f"mean={mean}, std={std}"
+
+
+class NormalizedClassifier(nn.Module):
+    """``backbone(normalize(x))``: images (B, C, H, W) in [0, 1] -> logits (B, num_classes).
+
+    Submodules: ``normalize`` (:class:`Normalize`) and ``backbone`` (the timm model).
+    """
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output logits of the backbone."""
+        return int(getattr(self.backbone, "num_classes", -1))
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The backbone's timm ``pretrained_cfg`` (empty dict if it has none)."""
+        return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR ResNet-9 (DAWNBench / Myrtle), registered in timm
+# --------------------------------------------------------------------------------------------
+
+
+class ConvBnAct(nn.Sequential):
+    """conv3x3 (no bias) -> BatchNorm2d -> ReLU. (B, in_chs, H, W) -> (B, out_chs, H, W)."""
+
+    def __init__(self, in_chs: int, out_chs: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = nn.ReLU(inplace=True)
+
+
+class Residual(nn.Module):
+    """``x + block(x)``; shapes preserved."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResNet9(nn.Module):
+    """The DAWNBench/Myrtle CIFAR ResNet-9 used by the public R2ET code.
+
+    prep conv(w); layer1 conv(2w)+pool, res1 2x conv(2w); layer2 conv(4w)+pool;
+    layer3 conv(8w)+pool, res2 2x conv(8w); adaptive global pool; Linear(8w, num_classes).
+    w = ``width`` (64 in the reference network; smaller widths give fast CPU models).
+    Input (B, in_chans, H, W) with H, W >= 8 (32 for CIFAR); output (B, num_classes).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        global_pool: str = "max",
+        drop_rate: float = 0.0,
+        width: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"ResNet9 width={width!r} must be a positive integer (64 is the reference)")
+        # Options timm passes to every model that have no meaning here.
+        for ignored in ("drop_path_rate", "drop_block_rate", "img_size", "device", "dtype"):
+            kwargs.pop(ignored, None)
+        if kwargs:
+            raise TypeError(f"ResNet9 got unexpected keyword arguments: {sorted(kwargs)}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        w = width
+        self.num_features = self.head_hidden_size = 8 * w
+        self.drop_rate = drop_rate
+
+        self.prep = ConvBnAct(in_chans, w)
+        self.layer1 = nn.Sequential(ConvBnAct(w, 2 * w), nn.MaxPool2d(2))
+        self.res1 = Residual(nn.Sequential(ConvBnAct(2 * w, 2 * w), ConvBnAct(2 * w, 2 * w)))
+        self.layer2 = nn.Sequential(ConvBnAct(2 * w, 4 * w), nn.MaxPool2d(2))
+        self.layer3 = nn.Sequential(ConvBnAct(4 * w, 8 * w), nn.MaxPool2d(2))
+        self.res2 = Residual(nn.Sequential(ConvBnAct(8 * w, 8 * w), ConvBnAct(8 * w, 8 * w)))
+        self.global_pool = self._make_pool(global_pool)
+        self.flatten = nn.Flatten(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=w, reduction=1, module="prep"),
+            dict(num_chs=2 * w, reduction=2, module="res1"),
+            dict(num_chs=4 * w, reduction=4, module="layer2"),
+            dict(num_chs=8 * w, reduction=8, module="res2"),
+        ]
+
+    @staticmethod
+    def _make_pool(global_pool: str) -> nn.Module:
+        if global_pool == "max":
+            return nn.AdaptiveMaxPool2d(1)
+        if global_pool == "avg":
+            return nn.AdaptiveAvgPool2d(1)
+        raise ValueError(f"ResNet9 global_pool must be 'max' or 'avg', got {global_pool!r}")
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh Linear(8w, num_classes) (Identity if 0)."""
+        self.num_classes = num_classes
+        if global_pool is not None and global_pool != "":
+            self.global_pool = self._make_pool(global_pool)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> feature map (B, 8w, H/8, W/8)."""
+        x = self.prep(x)
+        x = self.res1(self.layer1(x))
+        x = self.layer2(x)
+        return self.res2(self.layer3(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, 8w, h, w) -> logits (B, num_classes), or pooled features (B, 8w) if pre_logits."""
+        x = self.head_drop(self.flatten(self.global_pool(x)))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "resnet9": {
+            "url": "",
+            "num_classes": 10,
+            "input_size": (3, 32, 32),
+            "pool_size": (4, 4),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "mean": CIFAR10_MEAN,
+            "std": CIFAR10_STD,
+            "first_conv": "prep.conv",
+            "classifier": "fc",
+        }
+    }
+)
+
+
+@register_model
+def resnet9(pretrained: bool = False, **kwargs: Any) -> ResNet9:
+    """CIFAR ResNet-9 (DAWNBench/Myrtle). No hub weights exist; ``pretrained=True`` raises."""
+    if pretrained:
+        raise ValueError(
+            "No hub weights exist for 'resnet9'; build it with pretrained=False and pass "
+            "weights_file=<local file> to build_backbone to load your own weights."
+        )
+    return build_model_with_cfg(ResNet9, "resnet9", pretrained=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation swap
+# --------------------------------------------------------------------------------------------
+
+
+class _SoftplusFn:
+    """Drop-in for a functional ReLU attribute: ``fn(x, *args, inplace=..., **kw)`` -> softplus."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return F.softplus(x, beta=self.beta)
+
+    def __repr__(self) -> str:
+        return f"softplus(beta={self.beta})"
+
+
+def _is_relu_function(obj: Any) -> bool:
+    if isinstance(obj, functools.partial):
+        obj = obj.func
+    return any(obj is f for f in _RELU_FUNCTIONS)
+
+
+def _check_beta(beta: float) -> float:
+    try:
+        beta_f = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"softplus_beta must be a positive number, got {beta!r}") from None
+    if not beta_f > 0 or beta_f == float("inf"):
+        raise ValueError(f"softplus_beta must be a positive finite number, got {beta!r}")
+    return beta_f
+
+
+def replace_activations(model: nn.Module, beta: float = 0.5) -> nn.Module:
+    """Replace every ReLU-type activation in ``model`` by ``nn.Softplus(beta)``, in place.
+
+    Covers activation modules (``nn.ReLU``, ``ReLU6``, ``LeakyReLU``, ``PReLU``, ``RReLU``,
+    ``ELU``, ``CELU``, including ``act`` inside timm's ``BatchNormAct2d`` and entries of
+    ``nn.Sequential``/``ModuleList``/``ModuleDict``; a module shared by several parents maps to
+    one shared Softplus) and ReLU functions stored as module attributes (e.g. timm's
+    ``act_fn``). ReLUs called directly in a module's ``forward`` cannot be swapped; see
+    :func:`find_relu_activations`. Returns ``model`` (or a Softplus if ``model`` itself is a ReLU).
+    """
+    beta = _check_beta(beta)
+    if isinstance(model, RELU_TYPES):
+        return nn.Softplus(beta=beta)
+    replaced: dict[int, nn.Module] = {}
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):
+            if child is not None and isinstance(child, RELU_TYPES):
+                new = replaced.get(id(child))
+                if new is None:
+                    new = replaced[id(child)] = nn.Softplus(beta=beta)
+                setattr(module, name, new)
+        for name, value in list(vars(module).items()):
+            if not name.startswith("__") and _is_relu_function(value):
+                setattr(module, name, _SoftplusFn(beta))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _class_calls_functional_relu(cls: type) -> bool:
+    if cls.__module__.startswith("torch."):
+        return False
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+    return bool(_FUNCTIONAL_RELU_RE.search(source))
+
+
+def find_relu_activations(model: nn.Module) -> list[str]:
+    """Names of ReLU-type activations left in ``model`` (empty list if none).
+
+    Reports ReLU-type modules (``"layer1.0.act1 (ReLU)"``), ReLU functions held as attributes
+    (``"stages.0.act.act_fn (function relu)"``) and modules whose class source calls a ReLU
+    directly (``"block (XceptionBlock calls relu in code)"``; a static check, may over-report).
+    """
+    found: list[str] = []
+    for name, module in model.named_modules():
+        where = name or "<root>"
+        if isinstance(module, RELU_TYPES):
+            found.append(f"{where} ({type(module).__name__})")
+            continue
+        for attr, value in vars(module).items():
+            if not attr.startswith("__") and _is_relu_function(value):
+                found.append(f"{where}.{attr} (function {getattr(value, '__name__', value)})")
+        if _class_calls_functional_relu(type(module)):
+            found.append(f"{where} ({type(module).__name__} calls relu in code)")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Fused attention
+# --------------------------------------------------------------------------------------------
+
+
+def disable_fused_attention(model: nn.Module | None = None) -> nn.Module | None:
+    """Turn timm's fused scaled-dot-product attention off (double backprop needs the math path).
+
+    Calls ``timm.layers.set_fused_attn(False)`` (affects models built afterwards) and, if
+    ``model`` is given, sets ``fused_attn = False`` on each of its modules that has that
+    attribute. Returns ``model``.
+    """
+    set_fused_attn = getattr(timm.layers, "set_fused_attn", None)
+    if set_fused_attn is None:  # pragma: no cover - very old timm
+        from timm.layers.config import set_fused_attn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        set_fused_attn(False)
+    if model is not None:
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Local weights
+# --------------------------------------------------------------------------------------------
+
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+_WRAPPER_INFIXES = ("_orig_mod.",)  # torch.compile
+
+
+def _read_weights_file(path: Path) -> Mapping[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError(
+                f"Reading {path} needs the 'safetensors' package (pip install safetensors), "
+                "or save the weights as .pth with torch.save(model.state_dict(), path)."
+            ) from exc
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"Could not load weights file {path} with torch.load(weights_only=True): {exc}. "
+            "Save a plain state dict instead, e.g. torch.save(model.state_dict(), path)."
+        ) from exc
+    # unwrap containers: Lightning checkpoints ("state_dict"), timm/DeiT-style ("model"), ...
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in _CONTAINER_KEYS:
+                if isinstance(obj.get(key), Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+        else:
+            break
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"Weights file {path} does not hold a state dict (a mapping of parameter names to "
+            f"tensors, or a dict with one under one of {list(_CONTAINER_KEYS)})."
+        )
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _best_prefix(keys: Sequence[str], model_keys: set[str]) -> str:
+    """The key prefix (ending in '.') whose stripping makes most keys match ``model_keys``."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        if key in model_keys:
+            counts[""] = counts.get("", 0) + 1
+        for i, ch in enumerate(key):
+            if ch == "." and key[i + 1 :] in model_keys:
+                counts[key[: i + 1]] = counts.get(key[: i + 1], 0) + 1
+    if not counts:
+        return ""
+    # most matches first, then the shortest prefix
+    return max(counts, key=lambda p: (counts[p], -len(p)))
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(names, str):
+        names = (names,)
+    names = tuple(names or ())
+    if not names and hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        names = tuple(n for n, m in model.named_modules() if m is head and n)
+    return tuple(n + "." for n in names)
+
+
+def _summarize(keys: Sequence[str], limit: int = 10) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in total)" if len(keys) > limit else "")
+
+
+def load_backbone_weights(model: nn.Module, weights_file: str | Path, name: str | None = None) -> nn.Module:
+    """Load a local state dict into the bare timm ``model`` (in place) and return it.
+
+    Accepts ``.pth/.pt/.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` files
+    holding a state dict of the bare model, of a :class:`NormalizedClassifier` (``backbone.``
+    prefix), or a Lightning checkpoint (``state_dict`` with ``model.backbone.`` prefix); the
+    prefix is detected. Classifier weights of another shape (another ``num_classes``) are
+    dropped with a warning and the fresh classifier kept. Any other mismatch raises ValueError.
+    """
+    arch = name or type(model).__name__
+    path = Path(weights_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights_file not found: {str(path)!r}")
+    raw = _read_weights_file(path)
+
+    target = model.state_dict()
+    model_keys = set(target)
+    keys = {}
+    for key, value in raw.items():
+        for infix in _WRAPPER_INFIXES:
+            key = key.replace(infix, "")
+        keys[key] = value
+    prefix = _best_prefix(list(keys), model_keys)
+    if prefix:
+        file_sd = {k[len(prefix) :]: v for k, v in keys.items() if k.startswith(prefix)}
+        outer = prefix.rsplit("backbone.", 1)[0] if prefix.endswith("backbone.") else None
+        if outer is not None:
+            _check_file_normalization(model, keys, outer, path)
+    else:
+        file_sd = keys
+
+    cls_prefixes = _classifier_prefixes(model)
+
+    def is_cls(k: str) -> bool:
+        return any(k.startswith(p) for p in cls_prefixes)
+
+    missing = [k for k in target if k not in file_sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in file_sd if k not in target]
+    mismatched = [
+        k for k in file_sd if k in target and tuple(file_sd[k].shape) != tuple(target[k].shape)
+    ]
+
+    dropped_cls: list[str] = []
+    cls_mismatch = [k for k in mismatched if is_cls(k)]
+    cls_missing = [k for k in missing if is_cls(k)]
+    cls_unexpected = [k for k in unexpected if is_cls(k)]
+    other_problems = (
+        [k for k in missing if not is_cls(k)]
+        + [k for k in unexpected if not is_cls(k)]
+        + [k for k in mismatched if not is_cls(k)]
+    )
+    if not other_problems and (cls_mismatch or cls_missing or cls_unexpected):
+        dropped_cls = sorted(set(k for k in file_sd if is_cls(k)))
+        for k in dropped_cls:
+            file_sd.pop(k)
+        warnings.warn(
+            f"Classifier weights in {path} do not fit {arch!r} "
+            f"(num_classes={getattr(model, 'num_classes', '?')}): keeping the freshly initialised "
+            f"classifier and loading all other weights.",
+            UserWarning,
+            stacklevel=3,
+        )
+        missing = [k for k in missing if not is_cls(k)]
+    elif other_problems:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_summarize(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_summarize(unexpected)}")
+        if mismatched:
+            shapes = [
+                f"{k} (file {tuple(file_sd[k].shape)} vs model {tuple(target[k].shape)})"
+                for k in mismatched
+            ]
+            parts.append(f"shape mismatches: {_summarize(shapes)}")
+        raise ValueError(
+            f"Weights file {str(path)!r} does not fit architecture {arch!r}"
+            + (f" (after stripping key prefix {prefix!r})" if prefix else "")
+            + ": "
+            + "; ".join(parts)
+        )
+
+    result = model.load_state_dict(file_sd, strict=False)
+    leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    leftover = [k for k in leftover if k not in dropped_cls and not is_cls(k)]
+    if leftover or result.unexpected_keys:  # pragma: no cover - guarded by the checks above
+        raise ValueError(
+            f"Weights file {str(path)!r} does not fit architecture {arch!r}: missing "
+            f"{_summarize(leftover)}; unexpected {_summarize(result.unexpected_keys)}"
+        )
+    return model
+
+
+def _check_file_normalization(model: nn.Module, keys: Mapping[str, torch.Tensor], outer: str, path: Path) -> None:
+    """Remember normalization stats stored next to the backbone (checked in build_backbone)."""
+    stats = {s: keys.get(f"{outer}normalize.{s}") for s in ("mean", "std")}
+    if all(isinstance(v, torch.Tensor) for v in stats.values()):
+        model._file_normalization = (  # type: ignore[attr-defined]
+            tuple(stats["mean"].flatten().tolist()),
+            tuple(stats["std"].flatten().tolist()),
+            str(path),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Builder
+# --------------------------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+    source, model_id = timm.models.parse_model_name(name)
+    if source is not None:  # hf-hub:/local-dir: names are resolved by timm itself
+        return
+    if timm.models.is_model(model_id):
+        return
+    arch = timm.models.split_model_name_tag(model_id)[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ValueError(
+        f"Unknown backbone name {name!r}: not a timm model name and not 'resnet9' "
+        f"(the CIFAR ResNet-9 registered by lightning_modules).{hint} "
+        "See timm.list_models() for all names."
+    )
+
+
+def _apply_cifar_stem(model: nn.Module, name: str) -> None:
+    conv1 = getattr(model, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ValueError(
+            f"cifar_stem=True supports ResNet-family models with a conv1 (nn.Conv2d) / maxpool "
+            f"stem; {name!r} has none (deep-stem variants like resnet18d are not supported)."
+        )
+    model.conv1 = nn.Conv2d(
+        conv1.in_channels,
+        conv1.out_channels,
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        bias=conv1.bias is not None,
+    )
+    model.maxpool = nn.Identity()
+
+
+def _resolve_stats(
+    value: Sequence[float] | None, default: Sequence[float] | None, in_chans: int, what: str
+) -> tuple[float, ...]:
+    if value is not None:
+        try:
+            values = tuple(float(v) for v in value)
+        except TypeError:
+            raise ValueError(f"{what} must be a sequence of {in_chans} floats, got {value!r}") from None
+        if len(values) != in_chans:
+            raise ValueError(
+                f"{what}={tuple(value)!r} has {len(values)} entries; it must have in_chans={in_chans}"
+            )
+        if what == "std" and not all(v > 0 for v in values):
+            raise ValueError(f"std must be positive, got std={tuple(value)!r}")
+        return values
+    default = tuple(float(v) for v in (default or (CIFAR10_MEAN if what == "mean" else CIFAR10_STD)))
+    if len(default) == in_chans:
+        return default
+    # e.g. in_chans=1 with ImageNet stats: use the channel average for every channel
+    avg = sum(default) / len(default)
+    return (avg,) * in_chans
+
+
+def build_backbone(
+    name: str,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    weights_file: str | None = None,
+    activation: str = "relu",
+    softplus_beta: float = 0.5,
+    cifar_stem: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **timm_kwargs: Any,
+) -> NormalizedClassifier:
+    """Build ``timm.create_model(name, ...)`` wrapped as a :class:`NormalizedClassifier`.
+
+    The result maps images (B, in_chans, H, W) in [0, 1] to logits (B, num_classes).
+    ``name``: any timm model name or ``"resnet9"``. ``pretrained``: timm hub weights;
+    ``weights_file``: local state dict loaded after building (a classifier of another size is
+    re-initialised). ``activation="softplus"`` swaps ReLU-type activations for
+    ``Softplus(softplus_beta)``. ``cifar_stem`` replaces a ResNet's 7x7/stride-2 conv1 + maxpool
+    by a 3x3/stride-1 conv (fresh weights). ``mean``/``std`` (length ``in_chans``) default to the
+    model's ``pretrained_cfg``. Fused attention is disabled so double backprop works.
+    """
+    _check_name(name)
+    act = activation.lower() if isinstance(activation, str) else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    beta = _check_beta(softplus_beta)
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+    for what, value in (("mean", mean), ("std", std)):
+        if value is not None:
+            _resolve_stats(value, None, in_chans, what)
+    if pretrained and weights_file is not None:
+        warnings.warn(
+            "Both pretrained=True and weights_file given: the weights_file overrides hub weights.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    disable_fused_attention()
+    try:
+        model = timm.create_model(
+            name, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans, **timm_kwargs
+        )
+    except (TypeError, ValueError):
+        raise
+    except Exception as exc:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"Hub weights for {name!r} could not be downloaded ({type(exc).__name__}: {exc}). "
+            f"If this machine is offline, pass weights_file=<local file> (a state dict saved "
+            f"from {name!r}) with pretrained=False instead."
+        ) from exc
+
+    if cifar_stem:
+        _apply_cifar_stem(model, name)
+    if weights_file is not None:
+        load_backbone_weights(model, weights_file, name=name)
+    if act == "softplus":
+        replace_activations(model, beta)
+        left = find_relu_activations(model)
+        if left:
+            warnings.warn(
+                f"activation='softplus': {name!r} still has ReLU-type activations that cannot be "
+                f"swapped (called directly in code): {_summarize(left, 5)}",
+                UserWarning,
+                stacklevel=2,
+            )
+    disable_fused_attention(model)
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean_t = _resolve_stats(mean, cfg.get("mean"), in_chans, "mean")
+    std_t = _resolve_stats(std, cfg.get("std"), in_chans, "std")
+    file_stats = getattr(model, "_file_normalization", None)
+    if file_stats is not None:
+        del model._file_normalization
+        f_mean, f_std, f_path = file_stats
+        if len(f_mean) == len(mean_t) and (
+            any(abs(a - b) > 1e-6 for a, b in zip(f_mean, mean_t))
+            or any(abs(a - b) > 1e-6 for a, b in zip(f_std, std_t))
+        ):
+            warnings.warn(
+                f"{f_path} was trained with normalization mean={f_mean}, std={f_std} but the "
+                f"model is built with mean={mean_t}, std={std_t}; pass mean/std explicitly.",
+                UserWarning,
+                stacklevel=2,
+            )
+    return NormalizedClassifier(model, mean_t, std_t)

@@ -1,0 +1,240 @@
+"""RobustClassifier: a timm backbone trained with CE plus an explanation-robustness regularizer.
+
+The objective (DESIGN §4) is chosen by name; the math lives in ``explanations.objectives`` and this
+module only wires it into Lightning: metrics, logging, optimizers, fine-tuning from checkpoints,
+and the guards that double backprop needs (no torch.compile, no SyncBatchNorm).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from explanations.objectives import OBJECTIVES, build_objective
+from lightning_modules.backbones import build_backbone
+
+log = logging.getLogger(__name__)
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """Adam, lr 1e-3: a safe default; configs usually give SGD with momentum and weight decay."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or one of its terms) is NaN or infinite."""
+
+
+class RobustClassifier(L.LightningModule):
+    """Image classifier (pixel space, [0, 1] inputs) trained with a selectable objective.
+
+    Args:
+        backbone: a timm model name (or ``resnet9``), built by ``build_backbone``.
+        num_classes, in_chans: classifier outputs and input channels.
+        pretrained: timm hub weights; ``weights_file``: a local state dict instead.
+        activation, softplus_beta: ``softplus`` swaps ReLU-type activations (SP baseline).
+        cifar_stem: 3x3 stride-1 stem, no max-pool, for 32 px inputs (ResNet family).
+        backbone_kwargs: extra keyword arguments for ``timm.create_model``.
+        objective: one of ``OBJECTIVES`` (vanilla, r2et, r2et_noh, r2et_mm, r2et_mm_noh, est_h,
+            grad_norm, at, ...).
+        k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature, target, pool:
+            the regularizer's settings (see ``explanations.objectives``).
+        objective_kwargs: further objective-specific settings (e.g. the AT attack's eps/steps).
+        optimizer, lr_scheduler: callables that build them from parameters (LightningCLI style).
+        init_from: a checkpoint of this project to start from (pretrain-then-fine-tune); the
+            classifier is re-initialised when its shape differs.
+        nonfinite: ``error`` stops training on a NaN/inf loss naming the term and batch;
+            ``skip`` skips such batches and counts them (single-process only).
+        compile: wrap the backbone in ``torch.compile`` (refused with double-backprop objectives).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet9",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        pretrained: bool = False,
+        weights_file: str | None = None,
+        activation: Literal["relu", "softplus"] = "relu",
+        softplus_beta: float = 0.5,
+        cifar_stem: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        objective: str = "r2et",
+        k: int | float = 0.1,
+        pair_set: Literal["boundary", "all", "minmax"] = "boundary",
+        minmax_m: int | None = None,
+        h: float = 1e-3,
+        adaptive: bool = True,
+        weight: float = 1.0,
+        weight_gap: float | None = None,
+        weight_curvature: float | None = None,
+        target: Literal["loss", "logit"] = "loss",
+        pool: int | None = None,
+        objective_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        init_from: str | None = None,
+        nonfinite: Literal["error", "skip"] = "error",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
+        if nonfinite not in ("error", "skip"):
+            raise ValueError(f"nonfinite={nonfinite!r} is not valid; use 'error' or 'skip'")
+        self.objective = build_objective(
+            objective,
+            k=k, pair_set=pair_set, minmax_m=minmax_m, h=h, adaptive=adaptive, weight=weight,
+            weight_gap=weight_gap, weight_curvature=weight_curvature, target=target, pool=pool,
+            **(objective_kwargs or {}),
+        )
+        if compile and self.objective.double_backprop:
+            raise ValueError(
+                f"compile=True cannot be used with objective={objective!r}: torch.compile does not "
+                "support the double backward it needs; set compile: false or objective: vanilla"
+            )
+        self.model = build_backbone(
+            backbone, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
+            weights_file=weights_file, activation=activation, softplus_beta=softplus_beta,
+            cifar_stem=cifar_stem, **(backbone_kwargs or {}),
+        )
+        if init_from is not None:
+            load_model_weights(self.model, init_from)
+        if compile:
+            self.model = torch.compile(self.model)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.skipped_batches = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, K) for images (B, C, H, W) in [0, 1]."""
+        return self.model(x)
+
+    # ---------------------------------------------------------------- guards
+    def on_fit_start(self) -> None:
+        if not self.objective.double_backprop:
+            return
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
+            raise RuntimeError(
+                f"objective={self.hparams.objective!r} needs double backward, which SyncBatchNorm "
+                "does not support; set trainer.sync_batchnorm: false"
+            )
+        if getattr(self, "_compiler_ctx", None) is not None:
+            raise RuntimeError(
+                f"objective={self.hparams.objective!r} needs double backward, which torch.compile "
+                "does not support; fit the module without torch.compile"
+            )
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx: int):
+        x, y = batch[0], batch[1]
+        if x.shape[0] == 0:  # every image of the batch was undecodable and skipped (bad_images: skip)
+            return None
+        out = self.objective(self.model, x, y)
+        if not torch.isfinite(out.loss):
+            bad = sorted(name for name, v in out.terms.items() if not torch.isfinite(v).all()) or ["loss"]
+            message = (
+                f"non-finite training loss at epoch {self.current_epoch}, batch {batch_idx}: "
+                f"term(s) {bad} are NaN/inf (terms: { {n: float(v) for n, v in out.terms.items()} })"
+            )
+            if self.hparams.nonfinite == "error":
+                raise NonFiniteLossError(message + "; set model.nonfinite: skip to skip such batches")
+            self.skipped_batches += 1
+            log.warning("%s; skipped (%d so far)", message, self.skipped_batches)
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+            return None
+        self.train_acc(out.logits.detach(), y)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        for name, value in out.terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss")
+        return out.loss
+
+    def _eval_step(self, batch, stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch[0], batch[1]
+        if x.shape[0] == 0:
+            return
+        if self.objective.double_backprop and not torch.is_inference_mode_enabled():
+            with torch.enable_grad():
+                out = self.objective(self.model, x, y)
+            logits, terms = out.logits.detach(), out.terms
+        else:
+            logits = self.model(x)
+            terms = {"ce": nn.functional.cross_entropy(logits, y)}
+        metric(logits, y)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        return self.model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+    # ---------------------------------------------------------------- optim
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a RobustClassifier checkpoint's ``model.*`` weights into ``model`` (weights_only).
+
+    A classifier whose shape differs (other num_classes) keeps its fresh initialisation; any other
+    difference is refused with the keys listed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={str(path)!r}: no such checkpoint file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from={str(path)!r} holds no state dict")
+    if any(k.startswith("model.") for k in state):
+        state = _strip_prefix(state, "model.")
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    own = model.state_dict()
+    classifier = _classifier_prefixes(model)
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    head_only = mismatched and all(k.startswith(classifier) for k in mismatched)
+    if head_only:
+        log.warning("init_from: classifier shape differs (%s); it keeps its fresh initialisation", mismatched)
+        state = {k: v for k, v in state.items() if k not in mismatched}
+        state.update({k: own[k] for k in mismatched})
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in mismatched if not head_only]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"init_from={str(path)!r} does not fit this model: missing keys {missing[:10]}, "
+            f"unexpected keys {unexpected[:10]}, shape mismatches {wrong[:10]}"
+        )
+    model.load_state_dict(state)
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    backbone = getattr(model, "backbone", model)
+    name = getattr(backbone, "pretrained_cfg", {}).get("classifier", "fc") if hasattr(backbone, "pretrained_cfg") else "fc"
+    names = name if isinstance(name, (tuple, list)) else (name,)
+    return tuple(f"backbone.{n}." for n in names) + tuple(f"{n}." for n in names)
