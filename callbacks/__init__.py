@@ -1,5 +1,18 @@
 """Per-epoch evaluation callbacks and the run summary."""
 
+from callbacks.metrics import (
+    FlipRate,
+    LocalizationShare,
+    PrecisionAtK,
+    SampleMean,
+    TopKThickness,
+    UnionRankCorrelation,
+)
+from callbacks.pse_analysis import PSEAnalysis
+from callbacks.ranking_robustness import RankingRobustness
 from callbacks.summary import FinalSummary
 
-__all__ = ["FinalSummary"]
+__all__ = [
+    "FinalSummary", "FlipRate", "LocalizationShare", "PSEAnalysis", "PrecisionAtK", "RankingRobustness",
+    "SampleMean", "TopKThickness", "UnionRankCorrelation",
+]

@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .resumable import ResumableDataLoader, SeededRandomSampler
+
 log = logging.getLogger(__name__)
 
 # Truncated files must raise on load() instead of being silently padded with grey (the PIL default,
@@ -247,10 +249,12 @@ class DataLoaderMixin:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.{name} is not built: call setup() first")
         num_workers = int(self.hparams.num_workers)
-        return DataLoader(
+        # Shuffled (training) loaders resume exactly mid-epoch: see datamodules/resumable.py.
+        cls, order = (ResumableDataLoader, {"sampler": SeededRandomSampler(dataset)}) if shuffle else (DataLoader, {})
+        return cls(
             dataset,
             batch_size=int(self.hparams.batch_size),
-            shuffle=shuffle,
+            **order,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=torch.cuda.is_available(),

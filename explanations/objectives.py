@@ -134,27 +134,42 @@ class ThicknessSurrogate(_InputGradientObjective):
         self.weight_gap = weight if weight_gap is None else weight_gap
         self.weight_curvature = weight if weight_curvature is None else weight_curvature
 
-    def _lambda(self, base: float, ce: Tensor, term: Tensor) -> Tensor:
-        if self.adaptive:
-            return adaptive_weight(base, ce, term)
-        return torch.as_tensor(base, dtype=term.dtype, device=term.device)
+    #: Optional ``reduce_stats(t) -> t``: averages the detached batch statistics behind the
+    #: adaptive weights, the vector (CE, R_G, R_H), across data-parallel ranks (one all-reduce per
+    #: step), so that every rank uses the weights of the global batch. RobustClassifier sets it
+    #: under DDP (``sync_adaptive: true``); None (the default) uses the local batch.
+    reduce_stats: Callable[[Tensor], Tensor] | None = None
+
+    def _lambdas(self, ce: Tensor, bases: list[float], values: list[Tensor]) -> list[Tensor]:
+        if not self.adaptive:
+            return [torch.as_tensor(b, dtype=v.dtype, device=v.device) for b, v in zip(bases, values)]
+        stats = torch.stack([ce.detach(), *(v.detach() for v in values)])
+        if self.reduce_stats is not None:
+            stats = self.reduce_stats(stats)
+        return [adaptive_weight(b, stats[0], stats[i + 1]) for i, b in enumerate(bases)]
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
         x, logits, ce, grad = self._forward(model, x, y)
-        loss = ce
-        terms: dict[str, Tensor] = {"ce": ce.detach()}
+        names: list[str] = []
+        bases: list[float] = []
+        values: list[Tensor] = []
         if self.gap:
             s = saliency_from_gradient(grad, self.pool)
             k = resolve_k(self.k, num_features(*x.shape[-2:], self.pool))
-            r_g = gap_term(s, k, self.pair_set, self.minmax_m).mean()
-            lam = self._lambda(self.weight_gap, ce, r_g)
-            loss = loss + lam * r_g
-            terms.update(gap=r_g.detach(), topk_margin=-r_g.detach(), lambda_gap=lam.detach())
+            names.append("gap")
+            bases.append(self.weight_gap)
+            values.append(gap_term(s, k, self.pair_set, self.minmax_m).mean())
         if self.curvature:
-            r_h = curvature_term(model, x, y, grad, self.h, self.target).mean()
-            lam = self._lambda(self.weight_curvature, ce, r_h)
-            loss = loss + lam * r_h
-            terms.update(curvature=r_h.detach(), lambda_curvature=lam.detach())
+            names.append("curvature")
+            bases.append(self.weight_curvature)
+            values.append(curvature_term(model, x, y, grad, self.h, self.target).mean())
+        loss = ce
+        terms: dict[str, Tensor] = {"ce": ce.detach()}
+        for name, value, lam in zip(names, values, self._lambdas(ce, bases, values)):
+            loss = loss + lam * value
+            terms.update({name: value.detach(), f"lambda_{name}": lam.detach()})
+            if name == "gap":
+                terms["topk_margin"] = -value.detach()
         terms["loss"] = loss.detach()
         return ObjectiveOutput(loss, logits, terms)
 

@@ -105,5 +105,12 @@ def grad_norm_term(grad: Tensor) -> Tensor:
 
 
 def adaptive_weight(base: float, ce: Tensor, term: Tensor, eps: float = 1e-12) -> Tensor:
-    """lambda = w * (CE + 1) / |R|, both detached (the reference code's balancing)."""
-    return base * (ce.detach() + 1.0) / term.detach().abs().clamp_min(eps)
+    """lambda = w * (CE + 1) / |R|, both detached (the reference code's balancing).
+
+    A term that is numerically zero (|R| <= eps: zero saliency, bf16 underflow, a locally linear
+    model) gets lambda = 0 rather than ~1e12: its value adds nothing, and its gradient must not be
+    amplified by the division.
+    """
+    magnitude = term.detach().abs()
+    weight = base * (ce.detach() + 1.0) / magnitude.clamp_min(eps)
+    return torch.where(magnitude > eps, weight, torch.zeros_like(weight))

@@ -8,19 +8,33 @@ and the guards that double backprop needs (no torch.compile, no SyncBatchNorm).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.objectives import OBJECTIVES, build_objective
 from lightning_modules.backbones import build_backbone
+from lightning_modules.reliability import (
+    architecture_differences,
+    batchnorm_state,
+    format_differences,
+    restore_state,
+    state_dict_differences,
+)
 
 log = logging.getLogger(__name__)
+
+# Under DDP the train/* terms are averaged over ranks in training_step (one all-reduce for all of
+# them), so Lightning's advice to log them with sync_dist=True (one collective per key) is moot.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('train/", category=PossibleUserWarning)
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -53,6 +67,9 @@ class RobustClassifier(L.LightningModule):
         nonfinite: ``error`` stops training on a NaN/inf loss naming the term and batch;
             ``skip`` skips such batches and counts them (single-process only).
         compile: wrap the backbone in ``torch.compile`` (refused with double-backprop objectives).
+        fast_batchnorm: for double-backprop objectives, give every ``nn.BatchNorm2d`` the
+            closed-form double backward of ``explanations.fast_batchnorm`` (same parameters,
+            state dict and results; about 25% less time per R2ET step on CPU).
     """
 
     def __init__(
@@ -83,6 +100,7 @@ class RobustClassifier(L.LightningModule):
         init_from: str | None = None,
         nonfinite: Literal["error", "skip"] = "error",
         compile: bool = False,
+        fast_batchnorm: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -107,7 +125,9 @@ class RobustClassifier(L.LightningModule):
             cifar_stem=cifar_stem, **(backbone_kwargs or {}),
         )
         if init_from is not None:
-            load_model_weights(self.model, init_from)
+            load_model_weights(self.model, init_from, expected_hparams=self.hparams)
+        if fast_batchnorm and self.objective.double_backprop:
+            use_fast_batchnorm(self.model)
         if compile:
             self.model = torch.compile(self.model)
         self.optimizer_factory = optimizer
@@ -125,6 +145,8 @@ class RobustClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         if not self.objective.double_backprop:
             return
+        if self._trainer is not None:
+            check_precision(self.hparams.objective, self.trainer.precision)
         if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
             raise RuntimeError(
                 f"objective={self.hparams.objective!r} needs double backward, which SyncBatchNorm "
@@ -136,13 +158,48 @@ class RobustClassifier(L.LightningModule):
                 "does not support; fit the module without torch.compile"
             )
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse (``--ckpt_path``) a checkpoint of another architecture, listing what differs.
+
+        Runs before Lightning loads the state dict, whose own error would only print tensor names.
+        """
+        saved = checkpoint.get("hyper_parameters") or {}
+        arch = architecture_differences(saved, self.hparams)
+        state = checkpoint.get("state_dict")
+        strict = isinstance(state, dict) and self.strict_loading
+        keys = state_dict_differences(state, self.state_dict()) if strict else {}
+        if arch or any(keys.values()):
+            raise ValueError(
+                "the checkpoint does not fit this model (it was trained with another configuration): "
+                + format_differences(arch, keys)
+                + ". Resume with the configuration the checkpoint was trained with, or use "
+                "model.init_from to fine-tune from it."
+            )
+
+    # ---------------------------------------------------------------- DDP
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _mean_over_ranks(self, values: Tensor) -> Tensor:
+        """All-reduce mean of a small tensor over the data-parallel ranks (one collective)."""
+        return self.trainer.strategy.reduce(values, reduce_op="mean")
+
+    def setup(self, stage: str) -> None:
+        # Under DDP each rank sees batch_size samples; the adaptive weights use the statistics of
+        # the global batch (one 3-float all-reduce per step), so a run on N ranks computes the same
+        # loss as one process on the N-times larger batch.
+        if hasattr(self.objective, "reduce_stats"):
+            self.objective.reduce_stats = self._mean_over_ranks if self._distributed() else None
+
     # ---------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx: int):
         x, y = batch[0], batch[1]
         if x.shape[0] == 0:  # every image of the batch was undecodable and skipped (bad_images: skip)
             return None
+        running_stats = batchnorm_state(self.model)
         out = self.objective(self.model, x, y)
         if not torch.isfinite(out.loss):
+            restore_state(running_stats)  # the forward already moved BatchNorm statistics towards NaN
             bad = sorted(name for name, v in out.terms.items() if not torch.isfinite(v).all()) or ["loss"]
             message = (
                 f"non-finite training loss at epoch {self.current_epoch}, batch {batch_idx}: "
@@ -156,7 +213,12 @@ class RobustClassifier(L.LightningModule):
             return None
         self.train_acc(out.logits.detach(), y)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        for name, value in out.terms.items():
+        terms = out.terms
+        if self._distributed() and terms:  # log global-batch values: one all-reduce for all terms
+            names = list(terms)
+            reduced = self._mean_over_ranks(torch.stack([terms[n].detach().float() for n in names]))
+            terms = dict(zip(names, reduced.unbind()))
+        for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss")
         return out.loss
 
@@ -194,15 +256,35 @@ class RobustClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
+FP16_PRECISIONS = ("16", "16-mixed", "16-true")
+
+
+def check_precision(objective: str, precision: object) -> None:
+    """Refuse fp16 for a double-backprop objective (bf16 and fp32 work).
+
+    Loss scaling protects only the final backward: the input gradient that the regularizer (or
+    the AT attack) differentiates is computed unscaled inside the step, and fp16's range (smallest
+    normal 6e-5) flushes or coarsens the small per-pixel gradients the ranking is built from.
+    bf16 has fp32's exponent range.
+    """
+    if str(precision) in FP16_PRECISIONS:
+        raise RuntimeError(
+            f"precision={precision!r} (fp16) cannot be used with objective={objective!r}: its double "
+            "backprop needs the input gradient unscaled, which fp16 loss scaling does not protect "
+            "from underflow; use trainer.precision: bf16-mixed (GPU or CPU) or 32-true"
+        )
+
+
 def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_model_weights(model: nn.Module, path: str | Path) -> None:
+def load_model_weights(model: nn.Module, path: str | Path, expected_hparams: dict[str, Any] | None = None) -> None:
     """Load a RobustClassifier checkpoint's ``model.*`` weights into ``model`` (weights_only).
 
     A classifier whose shape differs (other num_classes) keeps its fresh initialisation; any other
-    difference is refused with the keys listed.
+    difference is refused with the keys listed (and, given ``expected_hparams``, the architecture
+    hyper-parameters of the checkpoint that differ).
     """
     path = Path(path)
     if not path.is_file():
@@ -226,9 +308,12 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in mismatched if not head_only]
     if missing or unexpected or wrong:
+        saved_hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        arch = architecture_differences(saved_hparams or {}, expected_hparams or {}) if expected_hparams else {}
+        differing = f"; {format_differences(arch, {})}" if arch else ""
         raise ValueError(
             f"init_from={str(path)!r} does not fit this model: missing keys {missing[:10]}, "
-            f"unexpected keys {unexpected[:10]}, shape mismatches {wrong[:10]}"
+            f"unexpected keys {unexpected[:10]}, shape mismatches {wrong[:10]}{differing}"
         )
     model.load_state_dict(state)
 

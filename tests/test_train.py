@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(args, cwd, env_extra=None, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("WANDB_API_KEY", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), **(env_extra or {})})
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (outputs in docs/benchmarks/)."""

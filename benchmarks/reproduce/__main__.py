@@ -1,0 +1,191 @@
+"""Command line of the reproduction study.
+
+    python -m benchmarks.reproduce --preset cpu --data-dir /tmp/cifar10_jpg \\
+        --imagenette-dir /tmp/imagenette_224 --out docs/results
+
+Runs every stage that has no record yet under ``--work`` (default ``outputs/reproduce/<preset>``,
+checkpoints and stage JSONs, not committed), then writes ``<out>/results_<preset>.json``, the
+plots ``<out>/*.png`` and the report ``--doc`` (default ``<out>.md``, i.e. docs/results.md).
+``--report-only`` re-renders the report from the existing records without computing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def _hardware() -> dict:
+    import lightning
+    import timm
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_start": _load(),
+    }
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _threads(spec: str) -> int:
+    if spec != "auto":
+        return max(1, int(spec))
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return cores if load < 1.0 else 1
+
+
+def _quiet() -> None:
+    """Keep the log readable: Lightning's per-fit banners and known harmless warnings off."""
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (".*LeafSpec.*", ".*smaller than the logging interval.*", ".*weights_only.*",
+                    ".*does not have many workers.*", ".*litlogger.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def parser() -> argparse.ArgumentParser:
+    from benchmarks.reproduce.presets import PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
+    p.add_argument("--data-dir", required=False, help="CIFAR-10: torchvision's files or train/<class>, test/<class> folders")
+    p.add_argument("--imagenette-dir", default=None, help="Imagenette root with train/<wnid>, val/<wnid> (skipped if absent)")
+    p.add_argument("--task", choices=("all", "cifar", "imagenette"), default="all")
+    p.add_argument("--out", default="docs/results", help="folder for the results JSON and plots")
+    p.add_argument("--doc", default=None, help="markdown report (default: <out>.md)")
+    p.add_argument("--work", default=None, help="checkpoints and stage records (default outputs/reproduce/<preset>)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the data subsets never change)")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads: a number, or 'auto' (default): all cores when the machine is idle "
+                        "(1-min load average < 1), else 1 -- on a loaded machine multi-threaded OpenMP "
+                        "barriers make small CPU tensors several times slower than one thread")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset field, e.g. cifar.eval.size=200 (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--redo", action="append", default=[], metavar="PATTERN",
+                   help="redo the stages matching a glob, e.g. 'cifar/eval/*' (repeatable)")
+    p.add_argument("--report-only", action="store_true", help="only re-render the report from the results JSON")
+    p.add_argument("--compare", action="append", default=[], metavar="JSON",
+                   help="results JSON of a rerun (another --work/--out); the report adds a noise table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    import torch
+
+    from benchmarks.reproduce.pipeline import Study, write_json
+    from benchmarks.reproduce.presets import apply_override, build_preset
+    from benchmarks.reproduce.report import write_report
+
+    torch.set_num_threads(_threads(args.threads))
+    _quiet()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    preset = build_preset(args.preset)
+    for assignment in args.overrides:
+        apply_override(preset, assignment)
+    tasks = ["cifar", "imagenette"] if args.task == "all" else [args.task]
+    if not args.report_only:
+        if "imagenette" in tasks and (preset.imagenette is None or not args.imagenette_dir):
+            if args.task == "imagenette":
+                raise SystemExit("--task imagenette needs --imagenette-dir")
+            print("note: no --imagenette-dir given; the Imagenette part is skipped", file=sys.stderr)
+            tasks.remove("imagenette")
+        if "cifar" in tasks and not args.data_dir:
+            raise SystemExit("--data-dir (CIFAR-10) is required for the cifar task")
+
+    out_dir = Path(args.out)
+    doc = Path(args.doc) if args.doc else out_dir.parent / (out_dir.name + ".md")
+    work = Path(args.work) if args.work else Path("outputs") / "reproduce" / args.preset
+    json_path = out_dir / f"results_{args.preset}.json"
+    command = "python -m benchmarks.reproduce " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    start = time.perf_counter()
+    hardware = _hardware()
+    study = Study(
+        preset, work, {"cifar10": args.data_dir, "imagenette": args.imagenette_dir}, seed=args.seed,
+        force=args.force, redo=args.redo, log=log,
+    )
+    if args.report_only:
+        if not json_path.is_file():
+            raise SystemExit(f"--report-only: {json_path} does not exist")
+        results = json.loads(json_path.read_text())
+    else:
+        results = {
+            "preset": {
+                "name": preset.name, "description": preset.description,
+                "tasks_cfg": {t: dataclasses.asdict(getattr(preset, t)) for t in tasks},
+            },
+            "command": command, "overrides": list(args.overrides), "seed": args.seed,
+            "hardware": hardware, "json_path": str(json_path), "tasks": {},
+        }
+        for task in tasks:
+            results["tasks"][task] = study.run_task(task)
+            results["tasks"][task]["config"] = dataclasses.asdict(getattr(preset, task))
+        if json_path.is_file():  # keep the tasks of an earlier invocation that were not run now
+            earlier = json.loads(json_path.read_text())
+            for task, block in earlier.get("tasks", {}).items():
+                if task not in results["tasks"]:
+                    results["tasks"][task] = block
+                    results["preset"]["tasks_cfg"][task] = earlier["preset"]["tasks_cfg"][task]
+        results["wall_seconds"] = round(time.perf_counter() - start, 1)
+        results["stage_seconds"] = round(sum(_stage_seconds(t) for t in results["tasks"].values()), 1)
+        results["hardware"]["load_end"] = _load()
+        write_json(json_path, results)
+    others = [json.loads(Path(p).read_text()) for p in args.compare]
+    path = write_report(results, out_dir, doc, others)
+    log(f"wrote {json_path} and {path}")
+    return results
+
+
+def _stage_seconds(task: dict) -> float:
+    total = task["pretrain"]["train_seconds"] + task["pretrain"]["sweep"]["seconds"]
+    for run in task["runs"].values():
+        total += run["train_seconds"] + run["sweep"]["seconds"]
+    for ev in task["eval"].values():
+        total += ev.get("eval_seconds", 0.0)
+    return total
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Evaluation of one trained model with the library's attacks, explainers, metrics and PSE.
+
+Nothing here re-implements the math: ERAttack / MSEAttack come from ``explanations.attacks``,
+saliency maps from ``explanations.explainers.explain``, P@k, rank correlations and thickness from
+``explanations.ranking_metrics``, the PSE analysis from ``explanations.pse``. This module only
+batches the fixed evaluation images through them and averages per-sample values.
+
+Conventions:
+- The model runs in eval mode; the explained scalar is the cross-entropy with the true label
+  (``target='loss'``, what R2ET trains and ERAttack attacks), over all images of the subset
+  (correct or not).
+- Randomness is keyed by (seed, image id): the MSE attack's random start, the noise baseline and
+  the thickness end points do not depend on batching, and every model sees the same noise.
+- ReLU models (vanilla, WD): the input Hessian of a piecewise-linear network is zero almost
+  everywhere, so a direct attack only gets gradient through the softmax. For the attacks listed in
+  ``relu_surrogate`` such a model is attacked twice, directly and through a Softplus(beta) copy
+  (``surrogate_beta``, DESIGN §5), and each image keeps the *worse* of the two results (lower P@k).
+  Both attacks are recorded. Softplus models are attacked directly only.
+- Each mean comes with its standard error over images (std / sqrt(n)): the sampling noise of the
+  evaluation subset, not the training noise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from explanations.attacks import build_attack, uniform_in_ball
+from explanations.explainers import eval_mode, explain, seeded_uniform
+from explanations.pse import PSESettings, add_sums, analyze_batch, batch_sums, summarize
+from explanations.ranking_metrics import precision_at_k, rank_correlation, topk_thickness
+
+from benchmarks.reproduce.data import ImageSet
+from benchmarks.reproduce.presets import EvalConfig
+
+PSE_KEYS = (
+    "num_samples", "num_counted", "clean_acc", "attack_success_rate", "frac_suppression",
+    "frac_balanced", "frac_promotion", "frac_ineffective", "mean_phi", "mean_S", "mean_P",
+    "group/frac_suppression", "group/frac_balanced", "group/frac_promotion",
+    "group/frac_ineffective", "cam_true/share_all", "cam_target/share_all",
+    "units/frac_promoted", "units/frac_suppressed",
+)
+
+
+def summary(values: Tensor) -> dict[str, float]:
+    """Mean and standard error of per-sample values (NaNs ignored), plus the count."""
+    v = values.detach().double().flatten()
+    v = v[~torch.isnan(v)]
+    n = int(v.numel())
+    if n == 0:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
+    se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": float(v.mean()), "se": se, "n": n}
+
+
+def _chunks(data: ImageSet, size: int, device) -> list[tuple[Tensor, Tensor, Tensor]]:
+    size = max(1, int(size))
+    return [
+        (data.x[i : i + size].to(device), data.y[i : i + size].to(device), data.ids[i : i + size].to(device))
+        for i in range(0, len(data), size)
+    ]
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, dataset: Dataset | ImageSet, device, batch_size: int = 256) -> float:
+    """Top-1 accuracy (eval mode, forward passes only) on a dataset (streamed) or an ImageSet."""
+    correct = total = 0
+    with eval_mode(net):
+        if isinstance(dataset, ImageSet):
+            batches = ((dataset.x[i : i + batch_size], dataset.y[i : i + batch_size]) for i in range(0, len(dataset), batch_size))
+        else:
+            batches = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        for x, y in batches:
+            pred = net(x.to(device)).argmax(1).cpu()
+            correct += int((pred == torch.as_tensor(y)).sum())
+            total += int(len(y))
+    return correct / max(total, 1)
+
+
+class Evaluator:
+    """Per-sample attack metrics of one model on fixed images (see the module docstring)."""
+
+    def __init__(self, net: nn.Module, cfg: EvalConfig, k: int | float, pool: int | None, relu: bool, device) -> None:
+        self.net, self.cfg, self.k, self.pool, self.relu, self.device = net, cfg, k, pool, relu, device
+
+    def _saliency(self, x: Tensor, y: Tensor, method: str, method_kwargs: dict[str, Any]) -> Tensor:
+        return explain(self.net, x, y, method=method, target="loss", pool=self.pool, **method_kwargs).detach()
+
+    def attack(
+        self, data: ImageSet, name: str, eps: float, steps: int, method: str = "gradient",
+        method_kwargs: dict[str, Any] | None = None, surrogate_beta: float | None = None,
+        batch_size: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-sample P@k, Spearman, Kendall (union of top-k), stopped-by-flip and prediction flip."""
+        method_kwargs = dict(method_kwargs or {})
+        out: dict[str, list[Tensor]] = {key: [] for key in ("p_at_k", "spearman", "kendall", "stopped", "pred_flip")}
+        for x, y, ids in _chunks(data, batch_size or self.cfg.batch_size, self.device):
+            attack = build_attack(
+                name, self.net, eps=eps, steps=steps, k=self.k, pool=self.pool, method=method,
+                method_kwargs=method_kwargs or None, seed=self.cfg.seed, surrogate_beta=surrogate_beta,
+            )
+            x_adv = attack(x, y, ids=ids)
+            with eval_mode(self.net):
+                s0 = self._saliency(x, y, method, method_kwargs)
+                s1 = self._saliency(x_adv, y, method, method_kwargs)
+                with torch.no_grad():
+                    flip = (self.net(x).argmax(1) != self.net(x_adv).argmax(1)).float()
+            out["p_at_k"].append(precision_at_k(s0, s1, self.k).cpu())
+            out["spearman"].append(rank_correlation(s0, s1, self.k, "spearman").cpu())
+            out["kendall"].append(rank_correlation(s0, s1, self.k, "kendall").cpu())
+            stopped = attack.flipped if attack.flipped is not None else torch.zeros_like(flip, dtype=torch.bool)
+            out["stopped"].append(stopped.float().cpu())
+            out["pred_flip"].append(flip.cpu())
+        return {key: torch.cat(v) for key, v in out.items()}
+
+    def robust_attack(self, data: ImageSet, name: str, eps: float, steps: int, **kwargs) -> dict[str, Any]:
+        """The attack, plus (ReLU models) its surrogate version; per-sample worse of the two."""
+        direct = self.attack(data, name, eps, steps, **kwargs)
+        if not (self.relu and name in self.cfg.relu_surrogate):
+            return {"final": direct, "direct": direct}
+        sur = self.attack(data, name, eps, steps, surrogate_beta=self.cfg.surrogate_beta, **kwargs)
+        take = sur["p_at_k"] < direct["p_at_k"]
+        worst = {key: torch.where(take, sur[key], direct[key]) for key in direct}
+        worst["surrogate_wins"] = take.float()
+        return {"final": worst, "direct": direct, "surrogate": sur}
+
+    def noise(self, data: ImageSet, eps: float) -> Tensor:
+        """Per-sample P@k under uniform noise in the l_inf ball (the no-attack baseline)."""
+        values = []
+        for x, y, ids in _chunks(data, self.cfg.batch_size, self.device):
+            x_noise = uniform_in_ball(x, eps, ids, self.cfg.seed, stream=4242)
+            with eval_mode(self.net):
+                values.append(precision_at_k(self._saliency(x, y, "gradient", {}), self._saliency(x_noise, y, "gradient", {}), self.k).cpu())
+        return torch.cat(values)
+
+    def thickness(self, data: ImageSet) -> Tensor:
+        cfg = self.cfg
+        values = []
+        for x, y, ids in _chunks(data, cfg.batch_size, self.device):
+            values.append(
+                topk_thickness(
+                    self.net, x, y, self.k, eps=cfg.eps, num_samples=cfg.thickness_samples,
+                    num_points=cfg.thickness_points, pool=self.pool, ids=ids, seed=cfg.seed,
+                ).cpu()
+            )
+        return torch.cat(values)
+
+    def pse(self, data: ImageSet) -> dict[str, float]:
+        cfg = self.cfg
+        settings = PSESettings(eps=cfg.eps, steps=cfg.pse_steps, group_size=cfg.pse_group_size)
+        sums = None
+        for x, y, ids in _chunks(data, cfg.batch_size, self.device):
+            uniform = seeded_uniform(ids, (), cfg.seed, stream=777)
+            sums = add_sums(sums, batch_sums(analyze_batch(self.net, x, y, settings, uniform=uniform), settings))
+        result = summarize(sums, settings)
+        return {key: float(result[key]) for key in PSE_KEYS if key in result}
+
+
+def _stats(per_sample: dict[str, Tensor]) -> dict[str, Any]:
+    return {key: summary(v) for key, v in per_sample.items()}
+
+
+def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; record its wall seconds under ``name`` and its process CPU seconds under
+    ``name + '_cpu'`` (CPU time is what other processes on a shared machine distort least)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    timings[name] = round(time.perf_counter() - start, 3)
+    timings[name + "_cpu"] = round(time.process_time() - cpu, 3)
+    return result
+
+
+def evaluate_model(
+    net: nn.Module, test: ImageSet, test_acc: Dataset, cfg: EvalConfig, k: int | float,
+    pool: int | None, relu: bool, device, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every metric of the study for one model (see the module docstring and presets.EvalConfig)."""
+    ev = Evaluator(net, cfg, k, pool, relu, device)
+    main = test.head(cfg.size)
+    t: dict[str, float] = {}
+    res: dict[str, Any] = {"relu": relu, "sizes": {}}
+
+    res["test_acc"] = _timed(t, "test_acc", lambda: accuracy(net, test_acc, device))
+    res["sizes"]["test_acc"] = len(test_acc)
+    res["subset_acc"] = accuracy(net, main, device)
+    res["sizes"]["main"] = len(main)
+    log(f"    accuracy: test {res['test_acc']:.3f}, subset {res['subset_acc']:.3f}")
+
+    for name in ("er", "mse"):
+        out = _timed(t, name, lambda: ev.robust_attack(main, name, cfg.eps, cfg.attack_steps))
+        res[name] = _stats(out["final"])
+        res[f"{name}_direct"] = _stats(out["direct"])
+        if "surrogate" in out:
+            res[f"{name}_surrogate"] = _stats(out["surrogate"])
+        if name == "er":
+            er_main = out["final"]["p_at_k"]
+        log(f"    {name} P@k {res[name]['p_at_k']['mean']:.3f} ({t[name]:.0f} s)")
+
+    curve_set = test.head(cfg.eps_curve_size)
+    if cfg.eps_curve_size and cfg.eps_list:
+        def eps_curve():
+            rows = []
+            for eps in cfg.eps_list:
+                er = ev.robust_attack(curve_set, "er", eps, cfg.eps_curve_steps)["final"]["p_at_k"]
+                rows.append({"eps": eps, "er": summary(er), "noise": summary(ev.noise(curve_set, eps))})
+            return rows
+        res["eps_curve"] = _timed(t, "eps_curve", eps_curve)
+        res["sizes"]["eps_curve"] = len(curve_set)
+        log(f"    eps curve ({t['eps_curve']:.0f} s)")
+
+    if cfg.steps_curve_size and cfg.steps_curve:
+        step_set = test.head(cfg.steps_curve_size)
+
+        def steps_curve():
+            rows = []
+            for steps in cfg.steps_curve:
+                if steps == cfg.attack_steps and len(step_set) <= len(main):
+                    values = er_main[: len(step_set)]  # the main attack's first images: same numbers
+                else:
+                    values = ev.robust_attack(step_set, "er", cfg.eps, steps)["final"]["p_at_k"]
+                rows.append({"steps": steps, "er": summary(values)})
+            return rows
+        res["steps_curve"] = _timed(t, "steps_curve", steps_curve)
+        res["sizes"]["steps_curve"] = len(step_set)
+        log(f"    steps curve ({t['steps_curve']:.0f} s)")
+
+    if cfg.thickness_size:
+        thick_set = test.head(cfg.thickness_size)
+        res["thickness"] = summary(_timed(t, "thickness", lambda: ev.thickness(thick_set)))
+        res["sizes"]["thickness"] = len(thick_set)
+        log(f"    thickness {res['thickness']['mean']:.3f} ({t['thickness']:.0f} s)")
+
+    if cfg.explainer_size:
+        exp_set = test.head(cfg.explainer_size)
+        methods = {
+            "smoothgrad": {"num_samples": cfg.smoothgrad_samples, "noise_std": cfg.smoothgrad_noise},
+            "integrated_gradients": {"steps": cfg.ig_steps},
+        }
+        for method, kwargs in methods.items():
+            per_call = max(1, cfg.batch_size * 4 // max(1, next(iter(kwargs.values()))))
+            out = _timed(
+                t, method,
+                lambda: ev.robust_attack(
+                    exp_set, "er", cfg.eps, cfg.explainer_steps, method=method, method_kwargs=kwargs,
+                    batch_size=per_call,
+                ),
+            )
+            res[method] = _stats(out["final"])
+            log(f"    {method} P@k {res[method]['p_at_k']['mean']:.3f} ({t[method]:.0f} s)")
+        res["sizes"]["explainers"] = len(exp_set)
+
+    if cfg.pse_size:
+        pse_set = test.head(cfg.pse_size)
+        res["pse"] = _timed(t, "pse", lambda: ev.pse(pse_set))
+        res["sizes"]["pse"] = len(pse_set)
+        log(f"    PSE sup/bal/pro {res['pse'].get('frac_suppression', float('nan')):.2f}/"
+            f"{res['pse'].get('frac_balanced', float('nan')):.2f}/{res['pse'].get('frac_promotion', float('nan')):.2f} ({t['pse']:.0f} s)")
+    res["timings_s"] = t
+    return res
+
+
+def sweep_metrics(
+    net: nn.Module, val_acc: Dataset, val_attack: ImageSet | None, cfg: EvalConfig, k: int | float,
+    pool: int | None, relu: bool, steps: int, device,
+) -> dict[str, Any]:
+    """Validation numbers of one sweep point: accuracy and P@k under a short ERAttack."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out: dict[str, Any] = {"val_acc": accuracy(net, val_acc, device), "val_size": len(val_acc)}
+    if val_attack is not None and len(val_attack):
+        ev = Evaluator(net, cfg, k, pool, relu, device)
+        p = ev.robust_attack(val_attack, "er", cfg.eps, steps)["final"]["p_at_k"]
+        out["val_p_at_k"] = summary(p)
+    out["seconds"] = round(time.perf_counter() - start, 3)
+    out["cpu_seconds"] = round(time.process_time() - cpu, 3)
+    return out

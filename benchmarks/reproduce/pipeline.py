@@ -1,0 +1,286 @@
+"""The study's stages: pretrain, fine-tune sweep, selection, evaluation (resumable).
+
+Training goes through the project's own pieces: ``RobustClassifier`` (objective, activation swap,
+``init_from``) and the project's DataModules, fitted by a ``lightning.Trainer``. Each stage writes
+a JSON file under ``<work>/stages/<task>/``; a stage whose JSON (and checkpoint) exists is skipped,
+so a crashed run continues where it stopped (``--force`` redoes everything, ``--redo PATTERN``
+the matching stages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_modules.classifier import RobustClassifier, load_model_weights
+
+from benchmarks.reproduce.data import build_datamodule, eval_sets
+from benchmarks.reproduce.evaluate import accuracy, evaluate_model, sweep_metrics
+from benchmarks.reproduce.presets import METHOD_RECIPES, Preset, TaskConfig
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def run_name(method: str, param: str | None, value: float | None) -> str:
+    """File-system friendly name of one fine-tune, e.g. ``r2et-weight=0.1``."""
+    if param is None or value is None:
+        return method
+    return f"{method}-{param}={_fmt(value)}"
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+class Study:
+    """One preset on one machine: holds the paths, the cache policy and the logger."""
+
+    def __init__(
+        self, preset: Preset, work_dir: str | Path, data_dirs: dict[str, str | None], seed: int = 0,
+        force: bool = False, redo: list[str] | None = None, log: Callable[[str], None] = print,
+    ) -> None:
+        self.preset, self.seed, self.force, self.redo = preset, seed, force, list(redo or [])
+        self.work = Path(work_dir)
+        self.data_dirs = data_dirs
+        self.log = log
+        self.accelerator = preset.accelerator
+        if self.accelerator == "auto":
+            self.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device("cuda" if self.accelerator == "gpu" else "cpu")
+
+    # ------------------------------------------------------------------ cache
+    def _stage_path(self, task: str, stage: str) -> Path:
+        return self.work / "stages" / task / f"{stage}.json"
+
+    def ckpt_path(self, task: str, run: str) -> Path:
+        return self.work / "ckpt" / task / f"{run}.ckpt"
+
+    def _cached(self, task: str, stage: str, fingerprint: str, needs: Path | None = None) -> dict | None:
+        """The stage record if it exists, was made with the same settings and its checkpoint is there."""
+        path = self._stage_path(task, stage)
+        if self.force or any(fnmatch.fnmatch(f"{task}/{stage}", p) for p in self.redo):
+            return None
+        if not path.is_file() or (needs is not None and not needs.is_file()):
+            return None
+        record = json.loads(path.read_text())
+        if record.get("fingerprint") != fingerprint:
+            self.log(f"   {task}/{stage}: record made with other settings, recomputing")
+            return None
+        return record
+
+    def fingerprints(self, task: TaskConfig) -> dict[str, str]:
+        """Hashes of the settings each stage kind depends on (a changed setting invalidates records).
+
+        pretrain: data, model and pretraining budget, seed. finetune: that plus every task field
+        except the method list, grids, defaults, inheritance and floor (a new grid value is a new
+        run; old runs stay valid), plus the evaluation fields the sweep uses. eval: that plus the
+        evaluation settings.
+        """
+        cfg = dataclasses.asdict(task)
+        pre_keys = ("dataset", "backbone", "backbone_kwargs", "image_size", "train_size", "val_fraction",
+                    "augment", "batch_size", "val_size", "pretrain_epochs", "pretrain_lr", "pretrain_weight_decay")
+        pre = {k: cfg[k] for k in pre_keys}
+        pre.update(seed=self.seed, data_dir=str(self.data_dirs.get(task.dataset)))
+        skip = ("eval", "methods", "grids", "defaults", "inherit", "accuracy_floor")
+        ft = {"pre": pre, **{k: v for k, v in cfg.items() if k not in skip}}
+        ft["sweep_eval"] = {k: cfg["eval"][k] for k in ("eps", "relu_surrogate", "surrogate_beta", "seed", "batch_size")}
+        ev = {"ft": ft, "eval": cfg["eval"]}
+        return {"pretrain": _digest(pre), "finetune": _digest(ft), "eval": _digest(ev)}
+
+    # ------------------------------------------------------------------ training
+    def model_kwargs(self, task: TaskConfig, method: str, value: float | None) -> dict[str, Any]:
+        """RobustClassifier arguments (without optimizer/init_from) of one run."""
+        objective, activation, param = METHOD_RECIPES[method]
+        kwargs: dict[str, Any] = dict(
+            backbone=task.backbone, backbone_kwargs=dict(task.backbone_kwargs), num_classes=10,
+            activation=activation, softplus_beta=task.softplus_beta, objective=objective, k=task.k,
+            pool=task.pool, target="loss",
+        )
+        if param == "weight" and value is not None:
+            kwargs["weight"] = float(value)
+        elif param == "softplus_beta" and value is not None:
+            kwargs["softplus_beta"] = float(value)
+        elif param == "at_eps":
+            kwargs["objective_kwargs"] = {"eps": float(value if value is not None else task.eval.eps), "steps": task.at_steps}
+        return kwargs
+
+    def _fit(self, task_name: str, task: TaskConfig, run: str, kwargs: dict[str, Any], *, lr: float,
+             weight_decay: float, epochs: int, train_size: int, init_from: Path | None) -> dict[str, Any]:
+        data_dir = self.data_dirs[task.dataset]
+        dm = build_datamodule(task, data_dir, train_size)
+        L.seed_everything(self.seed, workers=True, verbose=False)
+        model = RobustClassifier(
+            **kwargs,
+            optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay),
+            lr_scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max(1, epochs)),
+            init_from=None if init_from is None else str(init_from),
+        )
+        trainer = L.Trainer(
+            accelerator=self.accelerator, devices=1, max_epochs=epochs, inference_mode=False,
+            limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
+            logger=CSVLogger(str(self.work / "logs" / task_name), name=run),
+        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.fit(model, datamodule=dm)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        ckpt = self.ckpt_path(task_name, run)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(ckpt))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        n = len(dm.train_dataset)
+        return {
+            "run": run, "train_images": n, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+            "train_seconds": round(wall, 2), "train_cpu_seconds": round(cpu, 2),
+            "ms_per_image_epoch": round(1000 * wall / max(1, n * epochs), 3),
+            "train_metrics": metrics, "model_kwargs": kwargs, "checkpoint": str(ckpt),
+            "threads": torch.get_num_threads(), "device": self.accelerator, "created": time.time(),
+        }
+
+    def load_net(self, kwargs: dict[str, Any], ckpt: str | Path) -> torch.nn.Module:
+        net = RobustClassifier(**kwargs).model
+        load_model_weights(net, ckpt)
+        return net.to(self.device).eval()
+
+    # ------------------------------------------------------------------ stages
+    def run_task(self, task_name: str) -> dict[str, Any]:
+        task: TaskConfig = getattr(self.preset, task_name)
+        log = self.log
+        log(f"== {task_name}: {task.backbone} {task.backbone_kwargs} at {task.image_size} px, methods {list(task.methods)}")
+        sets = eval_sets(task, self.data_dirs[task.dataset])
+        result: dict[str, Any] = {"runs": {}, "selection": {}, "eval": {}}
+        fp = self.fingerprints(task)
+
+        def chained(kind: str, parent: dict) -> str:  # a record is stale when its parent was redone
+            return _digest({"settings": fp[kind], "parent": parent.get("created")})
+
+        # 1. vanilla pretraining (ReLU, with weight decay), once
+        pre_ckpt = self.ckpt_path(task_name, "pretrain")
+        pre = self._cached(task_name, "pretrain", fp["pretrain"], pre_ckpt)
+        if pre is None:
+            log(f"-- pretrain ({task.pretrain_epochs} epochs on {task.train_size} images)")
+            pre = self._fit(
+                task_name, task, "pretrain", self.model_kwargs(task, "vanilla", None),
+                lr=task.pretrain_lr, weight_decay=task.pretrain_weight_decay, epochs=task.pretrain_epochs,
+                train_size=task.train_size, init_from=None,
+            )
+            net = self.load_net(pre["model_kwargs"], pre_ckpt)
+            pre["sweep"] = sweep_metrics(net, sets["val_acc"], None, task.eval, task.k, task.pool, True, 0, self.device)
+            # what the activation swap alone does to the pretrained weights (documents the beta choice)
+            pre["swap_val_acc"] = {
+                str(beta): accuracy(self.load_net({**pre["model_kwargs"], "activation": "softplus", "softplus_beta": beta}, pre_ckpt), sets["val_acc"], self.device)
+                for beta in sorted({2.0, 5.0, 10.0, float(task.softplus_beta)})
+            }
+            pre["fingerprint"] = fp["pretrain"]
+            write_json(self._stage_path(task_name, "pretrain"), pre)
+        log(f"   pretrain: {pre['train_seconds']:.0f} s, val acc {pre['sweep']['val_acc']:.3f}")
+        result["pretrain"] = pre
+
+        # 2. fine-tunes: every grid point, vanilla first (the accuracy floor), inheritors last
+        order = [m for m in task.methods if m == "vanilla"] + [
+            m for m in task.methods if m != "vanilla" and m not in task.inherit
+        ] + [m for m in task.methods if m in task.inherit]
+        floor = None
+        for method in order:
+            _, activation, param = METHOD_RECIPES[method]
+            if method in task.grids:
+                grid, source = list(task.grids[method]), "sweep"
+            elif method in task.inherit:
+                parent = task.inherit[method]
+                grid, source = [result["selection"][parent]["value"]], f"inherited from {parent}"
+            elif method in task.defaults:
+                grid, source = [task.defaults[method]], "fixed"
+            else:
+                grid, source = [None], "fixed"
+            if param is None:
+                grid = [None]
+            points = []
+            for value in grid:
+                run = run_name(method, param, value)
+                ckpt = self.ckpt_path(task_name, run)
+                stage = f"finetune/{run}"
+                ft_fp = chained("finetune", pre)
+                info = self._cached(task_name, stage, ft_fp, ckpt)
+                if info is None:
+                    log(f"-- fine-tune {run} ({task.finetune_epochs} epoch(s) on {task.finetune_size or task.train_size} images)")
+                    kwargs = self.model_kwargs(task, method, value)
+                    info = self._fit(
+                        task_name, task, run, kwargs, lr=task.finetune_lr,
+                        weight_decay=float(value) if param == "weight_decay" else 0.0,
+                        epochs=task.finetune_epochs, train_size=task.finetune_size or task.train_size,
+                        init_from=pre_ckpt,
+                    )
+                    net = self.load_net(kwargs, ckpt)
+                    info["sweep"] = sweep_metrics(
+                        net, sets["val_acc"], sets["val_attack"],
+                        task.eval, task.k, task.pool, activation == "relu", task.sweep_attack_steps, self.device,
+                    )
+                    info.update(method=method, param=param, value=value, fingerprint=ft_fp)
+                    write_json(self._stage_path(task_name, stage), info)
+                sw = info["sweep"]
+                pk = sw.get("val_p_at_k", {}).get("mean")
+                log(f"   {run}: {info['train_seconds']:.0f} s, val acc {sw['val_acc']:.3f}" + ("" if pk is None else f", val P@k {pk:.3f}"))
+                result["runs"][run] = info
+                points.append(info)
+            if method == "vanilla":
+                floor = points[0]["sweep"]["val_acc"] - task.accuracy_floor / 100.0
+            chosen, note = select(points, floor)
+            result["selection"][method] = {
+                "run": chosen["run"], "param": param, "value": chosen["value"], "source": source,
+                "note": note, "floor": floor, "points": [p["run"] for p in points],
+            }
+
+        # 3. evaluation of each selected model on the fixed test subset
+        for method in task.methods:
+            sel = result["selection"][method]
+            info = result["runs"][sel["run"]]
+            stage = f"eval/{sel['run']}"
+            ev_fp = chained("eval", info)
+            ev = self._cached(task_name, stage, ev_fp)
+            if ev is None:
+                log(f"-- evaluate {sel['run']}")
+                net = self.load_net(info["model_kwargs"], self.ckpt_path(task_name, sel["run"]))
+                wall, cpu = time.perf_counter(), time.process_time()
+                ev = evaluate_model(
+                    net, sets["test"], sets["test_acc"], task.eval, task.k, task.pool,
+                    info["model_kwargs"]["activation"] == "relu", self.device, log=log,
+                )
+                ev["eval_seconds"] = round(time.perf_counter() - wall, 2)
+                ev["eval_cpu_seconds"] = round(time.process_time() - cpu, 2)
+                ev["fingerprint"] = ev_fp
+                write_json(self._stage_path(task_name, stage), ev)
+            result["eval"][method] = ev
+        return result
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def select(points: list[dict[str, Any]], floor: float | None) -> tuple[dict[str, Any], str]:
+    """The sweep point with the best val P@k among those at or above the accuracy floor."""
+    if len(points) == 1:
+        return points[0], "single value"
+    ok = [p for p in points if floor is None or p["sweep"]["val_acc"] >= floor - 1e-12]
+    if not ok:
+        best = max(points, key=lambda p: p["sweep"]["val_acc"])
+        return best, "no value met the accuracy floor: the most accurate one is used"
+    best = max(ok, key=lambda p: (p["sweep"].get("val_p_at_k", {}).get("mean", float("-inf")), p["sweep"]["val_acc"]))
+    return best, f"best val P@k of {len(ok)}/{len(points)} values above the floor"

@@ -1,0 +1,416 @@
+"""Cost of one training step per objective: median wall time and peak memory.
+
+    python -m benchmarks.step_cost --out docs/benchmarks/step_cost.json
+
+For each backbone (ResNet-18 with the 32 px CIFAR stem, ResNet-9 width 64) at batch 64 on 32 x 32
+inputs, one training step = ``zero_grad`` + objective + one ``backward`` + ``SGD.step``, model in
+train mode, the same fixed random batch every step. Every model uses Softplus(0.5) activations (the
+R2ET setting), vanilla included, so the ratios compare objectives on one network. The library
+objectives come from ``explanations.build_objective`` with the shipped R2ET settings (k = 100,
+boundary pairs, adaptive weights with w = 0.1, h = 1e-3; AT with its default 3 ERAttack steps).
+
+``naive_r2et`` is the same R2ET loss computed the way the public reference code does it (not in
+the library, on purpose): a separate input gradient without graph for the ranking, a separate
+forward for CE, then one graph-carrying input gradient recomputed per term (the gap term's; the
+curvature term's at x and at x + h u) plus the curvature term's unused extra one.
+
+Time: ``--warmup`` steps (default 2), then the median of ``--repeats`` (default 5) timed steps
+(``torch.cuda.synchronize`` around each on GPU).
+
+Memory (``peak_mem_mb``): what a ``torch.cuda.max_memory_allocated`` reading means, on either
+device: bytes held by live tensors at the peak of one step, the model state (parameters, buffers,
+gradients, optimizer state, the batch) included. On GPU it is that reading. On CPU the state at
+the start of the step is summed from its (deduplicated) storages and the step's own allocations are
+replayed from the PyTorch profiler's allocation/free events (``profile_memory=True``, every CPU
+tensor allocation through c10's allocator, in time order). Allocator caching, oneDNN scratch
+buffers and the Python heap are not counted (they are not tensor memory). ``step_mem_mb`` is the
+part above the state held at the start of the step (activations, autograd graph, gradients).
+
+The main JSON is ``{backbone: {objective: {ms_per_step, ratio_to_vanilla, peak_mem_mb}}}`` (plus
+``step_mem_mb`` and ``mem_ratio_to_vanilla``); ``<out>_details.json`` holds the settings, the
+hardware, the per-phase breakdown of vanilla / r2et_noh / r2et (``--phases``) and the
+channels_last rows (``--channels-last``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from explanations import build_objective
+from explanations.regularizers import adaptive_weight, curvature_term, gap_term, safe_norm
+from explanations.saliency import ranking, saliency_from_gradient, unit_sign_direction
+from lightning_modules.backbones import build_backbone
+
+BACKBONES = ("resnet18", "resnet9")
+OBJECTIVES = ("vanilla", "r2et_noh", "r2et", "est_h", "grad_norm", "at", "naive_r2et")
+# the shipped R2ET settings (configs/model/r2et.yaml, configs/default.yaml)
+OBJECTIVE_CONFIG = dict(k=100, pair_set="boundary", adaptive=True, weight=0.1, h=1e-3, target="loss")
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- models and data
+def build_model(name: str, device: torch.device, channels_last: bool = False) -> nn.Module:
+    """The benchmarked network, Softplus(0.5), train mode, a fixed initialisation."""
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model = build_backbone("resnet18", num_classes=10, cifar_stem=True, activation="softplus", softplus_beta=0.5)
+    elif name == "resnet9":
+        model = build_backbone("resnet9", num_classes=10, width=64, activation="softplus", softplus_beta=0.5)
+    else:
+        raise ValueError(f"backbone={name!r} is not benchmarked; valid: {BACKBONES}")
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.train()
+
+
+def make_batch(batch_size: int, device: torch.device, channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch_size, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+# ----------------------------------------------------------------------------- the naive R2ET
+def _ce_input_gradient(model: nn.Module, x: Tensor, y: Tensor, create_graph: bool) -> Tensor:
+    """A fresh forward and d(sum_i CE_i)/dx, as the reference code's get_batch_gradient."""
+    xv = x.detach().requires_grad_(True)
+    scalar = F.cross_entropy(model(xv), y, reduction="sum")
+    (grad,) = torch.autograd.grad(scalar, xv, create_graph=create_graph)
+    return grad
+
+
+def naive_r2et(model: nn.Module, x: Tensor, y: Tensor, k: int = 100, h: float = 1e-3, weight: float = 0.1) -> Tensor:
+    """R2ET (boundary gap + curvature, adaptive weights) the way the public reference code computes it.
+
+    Six forward passes and five input gradients per step: ranking (no graph), CE, then per term a
+    graph-carrying gradient at x (the curvature term's is unused), and the curvature term's own
+    g(x) and g(x + h u). Same loss as the library's ``r2et`` up to BatchNorm batch statistics.
+    """
+    # 1. the ranking from a separate input gradient without graph
+    order_grad = _ce_input_gradient(model, x, y, create_graph=False)
+    order = ranking(saliency_from_gradient(order_grad))
+    # 2. CE from its own forward
+    ce = F.cross_entropy(model(x), y)
+    # 3. curvature term: its unused graph-carrying gradient, then g(x) and g(x + h u) recomputed
+    _unused = _ce_input_gradient(model, x, y, create_graph=True)
+    g_x = _ce_input_gradient(model, x, y, create_graph=True)
+    x_shift = x.detach() + h * unit_sign_direction(g_x)
+    g_shift = _ce_input_gradient(model, x_shift, y, create_graph=True)
+    r_h = (safe_norm(g_shift - g_x) / h).mean()
+    # 4. gap term: its graph-carrying gradient recomputed, ranked by the order of step 1
+    g_gap = _ce_input_gradient(model, x, y, create_graph=True)
+    ranked = saliency_from_gradient(g_gap).gather(1, order)
+    r_g = -(ranked[:, :k].sum(1) - ranked[:, k : 2 * k].sum(1)).mean()
+    return ce + adaptive_weight(weight, ce, r_h) * r_h + adaptive_weight(weight, ce, r_g) * r_g
+
+
+def loss_functions(names: tuple[str, ...]) -> dict[str, LossFn]:
+    fns: dict[str, LossFn] = {}
+    for name in names:
+        if name == "naive_r2et":
+            fns[name] = lambda m, x, y: naive_r2et(m, x, y, OBJECTIVE_CONFIG["k"], OBJECTIVE_CONFIG["h"], OBJECTIVE_CONFIG["weight"])
+        else:
+            objective = build_objective(name, **OBJECTIVE_CONFIG)
+            fns[name] = lambda m, x, y, objective=objective: objective(m, x, y).loss
+    return fns
+
+
+# ----------------------------------------------------------------------------- measurement
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: tuple[Tensor, ...]) -> int:
+    """Bytes of the distinct storages behind parameters, gradients, buffers, optimizer state, batch."""
+    seen: dict[int, int] = {}
+
+    def add(t: object) -> None:
+        if isinstance(t, Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+
+    for p in model.parameters():
+        add(p)
+        add(p.grad)
+    for b in model.buffers():
+        add(b)
+    for state in optimizer.state.values():
+        for v in state.values():
+            add(v)
+    for t in tensors:
+        add(t)
+    return sum(seen.values())
+
+
+def _cpu_step_peak(step: Callable[[], None]) -> int:
+    """Peak of (allocated - freed) bytes during ``step`` from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+class StepRunner:
+    """One objective's model, optimizer and training step (zero_grad, loss, backward, SGD step)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> None:
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model, self.x, self.y)
+        loss.backward()
+        self.optimizer.step()
+
+    def timed_step(self) -> None:
+        device = self.x.device
+        _sync(device)
+        start = time.perf_counter()
+        self.step()
+        _sync(device)
+        self.times.append(time.perf_counter() - start)
+
+    def memory(self) -> dict[str, float]:
+        """Peak memory of one more step (see the module docstring)."""
+        device = self.x.device
+        state = _state_bytes(self.model, self.optimizer, (self.x, self.y))
+        if device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            self.step()
+            _sync(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            return dict(peak_mem_mb=peak / 2**20, step_mem_mb=(peak - before) / 2**20, state_mem_mb=state / 2**20)
+        extra = _cpu_step_peak(self.step)
+        return dict(peak_mem_mb=(state + extra) / 2**20, step_mem_mb=extra / 2**20, state_mem_mb=state / 2**20)
+
+    def summary(self) -> dict[str, float]:
+        ms = [1000 * t for t in self.times]
+        return {"ms_per_step": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms), "ms_all": ms}
+
+
+def measure_interleaved(
+    runners: dict[str, StepRunner], warmup: int, repeats: int, memory: bool = True, label: str = ""
+) -> dict[str, dict[str, float]]:
+    """Warm every objective up, then time them round-robin (one step each per round), so that a
+    slow spell on a shared machine hits every objective alike; median over the rounds."""
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.step()
+    for round_ in range(repeats):
+        for name, runner in runners.items():
+            runner.timed_step()
+            print(f"{label} round {round_ + 1}/{repeats} {name:11s} {1000 * runner.times[-1]:9.1f} ms",
+                  file=sys.stderr, flush=True)
+    rows = {name: runner.summary() for name, runner in runners.items()}
+    if memory:
+        for name, runner in runners.items():
+            rows[name].update(runner.memory())
+    base = rows["vanilla"]
+    for row in rows.values():
+        row["ratio_to_vanilla"] = row["ms_per_step"] / base["ms_per_step"]
+        if "peak_mem_mb" in row:
+            row["mem_ratio_to_vanilla"] = row["peak_mem_mb"] / base["peak_mem_mb"]
+            row["step_mem_ratio_to_vanilla"] = row["step_mem_mb"] / base["step_mem_mb"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- phase breakdown
+def phases(model: nn.Module, x: Tensor, y: Tensor, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of each phase of vanilla, r2et_noh and r2et steps, built from the library's pieces.
+
+    The r2et phases reproduce ``ThicknessSurrogate`` (checked against it) so that the double
+    backward can be timed on its own: ``backward`` of r2et_noh minus ``backward`` of vanilla is the
+    cost of backpropagating through the input-gradient graph.
+    """
+    device = x.device
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    cfg = OBJECTIVE_CONFIG
+
+    reference = {kind: build_objective(kind, **cfg) for kind in ("r2et_noh", "r2et")}
+
+    def run(kind: str, check: bool = False) -> dict[str, float]:
+        marks: list[tuple[str, float]] = []
+        expected = reference[kind](model, x, y).loss.item() if check else None
+
+        def mark(label: str) -> None:
+            _sync(device)
+            marks.append((label, time.perf_counter()))
+
+        optimizer.zero_grad(set_to_none=True)
+        mark("start")
+        if kind == "vanilla":
+            loss = F.cross_entropy(model(x), y)
+            mark("forward")
+        elif kind == "input_grad_no_graph":
+            xv = x.detach().requires_grad_(True)
+            ce_i = F.cross_entropy(model(xv), y, reduction="none")
+            mark("forward")
+            (grad,) = torch.autograd.grad(ce_i.sum(), xv)
+            mark("input_grad")
+            return _durations(marks)
+        else:
+            xv = x.detach().requires_grad_(True)
+            ce_i = F.cross_entropy(model(xv), y, reduction="none")
+            ce = ce_i.mean()
+            mark("forward")
+            (grad,) = torch.autograd.grad(ce_i.sum(), xv, create_graph=True)
+            mark("input_grad")
+            r_g = gap_term(saliency_from_gradient(grad), cfg["k"], cfg["pair_set"]).mean()
+            loss = ce + adaptive_weight(cfg["weight"], ce, r_g) * r_g
+            mark("gap_term")
+            if kind == "r2et":
+                r_h = curvature_term(model, xv, y, grad, cfg["h"], cfg["target"]).mean()
+                loss = loss + adaptive_weight(cfg["weight"], ce, r_h) * r_h
+                mark("curvature_term")
+            if expected is not None and not math.isclose(loss.item(), expected, rel_tol=1e-4):
+                raise AssertionError(f"phase replica of {kind} gives {loss.item()}, the objective {expected}")
+        loss.backward()
+        mark("backward")
+        optimizer.step()
+        mark("optimizer")
+        return _durations(marks)
+
+    kinds = ("vanilla", "input_grad_no_graph", "r2et_noh", "r2et")
+    run("r2et_noh", check=True)
+    run("r2et", check=True)
+    for kind in kinds:
+        for _ in range(warmup):
+            run(kind)
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    for _ in range(repeats):  # round-robin, as in measure_interleaved
+        for kind in kinds:
+            runs[kind].append(run(kind))
+    return {kind: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for kind, rs in runs.items()}
+
+
+def _durations(marks: list[tuple[str, float]]) -> dict[str, float]:
+    out = {label: 1000 * (t - marks[i][1]) for i, (label, t) in enumerate(marks[1:])}
+    out["total"] = 1000 * (marks[-1][1] - marks[0][1])
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [
+        "| backbone | objective | ms / step | x vanilla | peak MB | x vanilla | step MB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for backbone, rows in results.items():
+        for name, r in rows.items():
+            lines.append(
+                f"| {backbone} | {name} | {r['ms_per_step']:.0f} | {r['ratio_to_vanilla']:.2f} | "
+                f"{r.get('peak_mem_mb', float('nan')):.0f} | {r.get('mem_ratio_to_vanilla', float('nan')):.2f} | "
+                f"{r.get('step_mem_mb', float('nan')):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def _hardware(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["load_avg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/step_cost.json"))
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--phases", action="store_true", help="also time the phases of vanilla / r2et_noh / r2et")
+    parser.add_argument("--channels-last", action="store_true", help="also run some objectives with channels_last")
+    parser.add_argument("--channels-last-objectives", nargs="+", default=["vanilla", "r2et_noh", "r2et"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    args = parser.parse_args(argv)
+    if "vanilla" not in args.objectives:
+        args.objectives.insert(0, "vanilla")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    fns = loss_functions(tuple(dict.fromkeys([*args.objectives, *args.channels_last_objectives])))
+
+    def run_all(channels_last: bool, objectives: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for backbone in args.backbones:
+            x, y = make_batch(args.batch_size, device, channels_last)
+            runners = {name: StepRunner(build_model(backbone, device, channels_last), fns[name], x, y) for name in objectives}
+            label = backbone + (" channels_last" if channels_last else "")
+            results[backbone] = measure_interleaved(runners, args.warmup, args.repeats, not args.no_memory, label)
+            del runners
+        return results
+
+    settings = dict(vars(args), out=str(args.out), objective_config=OBJECTIVE_CONFIG, activation="softplus(0.5)",
+                    optimizer="SGD(lr=1e-3, momentum=0.9, weight_decay=5e-4)", input="32x32 RGB, fixed random batch")
+    details: dict[str, object] = {"settings": settings, "hardware": _hardware(device)}
+    start = time.time()
+    results = run_all(False, args.objectives)
+    keep = ("ms_per_step", "ratio_to_vanilla", "peak_mem_mb", "step_mem_mb", "mem_ratio_to_vanilla")
+    main_json = {b: {o: {k: round(v, 3) for k, v in r.items() if k in keep} for o, r in rows.items()} for b, rows in results.items()}
+    details["results"] = results
+    if args.channels_last:
+        details["channels_last"] = run_all(True, ["vanilla", *[o for o in args.channels_last_objectives if o != "vanilla"]])
+    if args.phases:
+        details["phases"] = {}
+        for backbone in args.backbones:
+            x, y = make_batch(args.batch_size, device)
+            details["phases"][backbone] = phases(build_model(backbone, device), x, y, args.warmup, args.repeats)
+    details["wall_s"] = time.time() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(main_json, indent=2) + "\n")
+    args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
+    print(markdown_table(results))
+    if args.channels_last:
+        print("\nchannels_last:\n" + markdown_table(details["channels_last"]))
+    if args.phases:
+        print("\nphases (median ms):\n" + json.dumps(details["phases"], indent=1))
+    return main_json
+
+
+if __name__ == "__main__":
+    main()

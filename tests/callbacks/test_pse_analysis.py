@@ -1,0 +1,149 @@
+"""PSEAnalysis on the synthetic data: every key logged, a W&B table (offline), reports on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from callbacks.pse_analysis import PSEAnalysis, analyze_checkpoint, table_data
+from datamodules import SyntheticDataModule
+from explanations.pse import CATEGORIES
+from lightning_modules.classifier import RobustClassifier
+
+REPO = Path(__file__).resolve().parents[2]
+
+EXPECTED_KEYS = [
+    "pse/frac_suppression", "pse/frac_promotion", "pse/frac_balanced", "pse/frac_ineffective",
+    "pse/attack_success_rate", "pse/num_failed", "pse/num_analysed", "pse/mean_phi",
+    "pse/cam_true/share_all", "pse/cam_target/share_all", "pse/units/frac_promoted",
+    "pse/units/frac_suppressed",
+] + [f"pse/cam_{r}/share_{c}" for r in ("true", "target") for c in CATEGORIES] + [
+    f"pse/group/frac_{c}" for c in CATEGORIES
+]
+
+DATA = dict(num_classes=4, image_size=16, train_size=64, val_size=32, test_size=32, pattern_size=4,
+            batch_size=32, seed=0)
+
+
+def tiny_module() -> RobustClassifier:
+    return RobustClassifier(
+        backbone="resnet9", backbone_kwargs={"width": 4}, num_classes=4, activation="softplus",
+        softplus_beta=2.0, objective="vanilla",
+        optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
+    )
+
+
+def callback(tmp_path: Path, **kwargs) -> PSEAnalysis:
+    args = dict(num_samples=8, batch_size=8, steps=3, eps=16 / 255, group_size=8, only_correct=False,
+                out_dir=str(tmp_path / "pse"), num_examples=1)
+    args.update(kwargs)
+    return PSEAnalysis(**args)
+
+
+def test_callback_logs_every_key_and_a_wandb_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    tables, charts = [], []
+    original_table, original_metrics = WandbLogger.log_table, WandbLogger.log_metrics
+
+    def record_table(self, key, columns=None, data=None, dataframe=None, step=None):
+        tables.append((key, columns, data))
+        return original_table(self, key=key, columns=columns, data=data, step=step)
+
+    def record_metrics(self, metrics, step=None):
+        charts.extend(k for k in metrics if k.endswith("category_shares_chart"))
+        return original_metrics(self, metrics, step)
+
+    monkeypatch.setattr(WandbLogger, "log_table", record_table)
+    monkeypatch.setattr(WandbLogger, "log_metrics", record_metrics)
+    wandb_logger = WandbLogger(project="pse-test", save_dir=str(tmp_path), offline=True)
+    cb = callback(tmp_path)
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, inference_mode=False, num_sanity_val_steps=1,
+        limit_train_batches=2, limit_val_batches=1, logger=[CSVLogger(str(tmp_path)), wandb_logger], callbacks=[cb],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    module = tiny_module()
+    trainer.fit(module, datamodule=SyntheticDataModule(**DATA))
+    try:
+        for key in EXPECTED_KEYS:
+            assert key in trainer.callback_metrics, key
+        assert len(cb.history) == 2  # every epoch, sanity check skipped
+        shares = sum(float(trainer.callback_metrics[f"pse/frac_{c}"]) for c in CATEGORIES)
+        if float(trainer.callback_metrics["pse/num_counted"]) > 0:
+            assert shares == pytest.approx(1.0)
+        analysed = float(trainer.callback_metrics["pse/num_analysed"])
+        assert analysed == 8
+        assert float(trainer.callback_metrics["pse/num_failed"]) == analysed - float(
+            trainer.callback_metrics["pse/num_success"])
+        assert [t[0] for t in tables] == ["pse/samples", "pse/samples"]
+        _, columns, data = tables[-1]
+        assert len(data) == 8 and "category" in columns and "phi" in columns
+        assert all(row[columns.index("category")] in CATEGORIES for row in data)
+        assert len(charts) == 2
+        assert sorted(p.name for p in (tmp_path / "pse").iterdir()) == [
+            "pse_validate_epoch0.json", "pse_validate_epoch0.png", "pse_validate_epoch1.json",
+            "pse_validate_epoch1.png",
+        ]
+        report = json.loads((tmp_path / "pse" / "pse_validate_epoch1.json").read_text())
+        assert report["metrics"]["num_analysed"] == 8 and len(report["history"]) == 2
+    finally:
+        wandb_logger.experiment.finish()
+    written = list(tmp_path.rglob("*.table.json"))
+    assert written, "no W&B table file in the offline run"
+
+    # standalone: a checkpoint analysed by the entry script, with the data from a config file
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    config = tmp_path / "data.yaml"
+    config.write_text(json.dumps({"data": {"class_path": "datamodules.SyntheticDataModule", "init_args": DATA}}))
+    spec = importlib.util.spec_from_file_location("pse_report", REPO / "benchmarks" / "pse_report.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    values = script.main([
+        "--ckpt", str(ckpt), "--out", str(tmp_path / "report"), "-c", str(config), "--num-samples", "4",
+        "--steps", "2", "--only-correct", "false", "--target-rule", "least_likely", "--cutoffs", "0.25", "0.75",
+    ])
+    assert values["num_analysed"] == 4
+    assert (tmp_path / "report" / "pse_test.png").stat().st_size > 0
+    report = json.loads((tmp_path / "report" / "pse_test.json").read_text())
+    assert report["settings"]["target_rule"] == "least_likely" and report["settings"]["cutoffs"] == [0.25, 0.75]
+
+
+def test_inference_mode_is_refused(tmp_path):
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", inference_mode=True, logger=False,
+                        callbacks=[callback(tmp_path)], enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="inference_mode: false"):
+        trainer.validate(tiny_module(), datamodule=SyntheticDataModule(**DATA), verbose=False)
+
+
+def test_validate_and_test_runs_and_settings_validation(tmp_path):
+    cb = callback(tmp_path, out_dir=None, every_n_epochs=5, target_rule="second_likely", norm="l2", eps=0.5,
+                  num_samples=4, steps=2)
+    trainer = L.Trainer(accelerator="cpu", inference_mode=False, logger=False, callbacks=[cb],
+                        limit_val_batches=1, limit_test_batches=1,
+                        enable_progress_bar=False, enable_model_summary=False)
+    module, data = tiny_module(), SyntheticDataModule(**DATA)
+    trainer.validate(module, datamodule=data, verbose=False)
+    assert "pse/frac_promotion" in trainer.callback_metrics
+    trainer.test(module, datamodule=data, verbose=False)
+    assert "pse/attack_success_rate" in trainer.callback_metrics
+    assert [h["stage"] for h in cb.history] == ["validate", "test"]
+    with pytest.raises(ValueError, match="target_rule"):
+        PSEAnalysis(target_rule="most_likely")
+    with pytest.raises(ValueError, match="cutoffs"):
+        PSEAnalysis(cutoffs=(0.8, 0.2))
+
+
+def test_table_data_formats_rows():
+    columns = ["id", "label", "category", "phi", "success"]
+    rows = torch.tensor([[5.0, 1.0, 2.0, float("nan"), 1.0], [2.0, 0.0, 0.0, 0.25, 0.0]], dtype=torch.float64)
+    assert table_data(columns, rows, ["a", "b"]) == [[2, "a", "suppression", 0.25, False],
+                                                     [5, "b", "promotion", None, True]]

@@ -1,0 +1,257 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explanations import OBJECTIVES, build_objective
+from explanations.attacks import ERAttack, MSEAttack, build_attack, frozen_gap, uniform_in_ball
+from explanations.explainers import explain
+from explanations.ranking_metrics import precision_at_k
+from explanations.saliency import ranking
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and does not stall when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quadrant_data(n: int, g: torch.Generator):
+    """12 px images; the class is the quadrant holding a brighter square."""
+    x = torch.rand(n, 3, 12, 12, generator=g) * 0.6
+    y = torch.randint(0, 4, (n,), generator=g)
+    for q in range(4):
+        r, c = divmod(q, 2)
+        x[y == q, :, r * 6 + 1 : r * 6 + 5, c * 6 + 1 : c * 6 + 5] += 0.3
+    return x.clamp(0, 1), y
+
+
+def conv_net(ch: int = 16, beta: float = 10.0) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, ch, 3, padding=1), nn.Softplus(beta=beta),
+        nn.Conv2d(ch, ch, 3, padding=1, stride=2), nn.Softplus(beta=beta),
+        nn.Flatten(), nn.Linear(ch * 36, 4),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = quadrant_data(512, g)
+    model = conv_net()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(60):
+        i = torch.randint(0, 512, (64,), generator=g)
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    torch.set_num_threads(threads)
+    xt, yt = quadrant_data(32, g)
+    return model, xt, yt
+
+
+def small_double_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(beta=3.0), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    ).double()
+
+
+def double_data(b: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (b,), generator=g)
+
+
+def check_constraints(model, x, x_adv, eps):
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x_adv).argmax(1), model(x).argmax(1))
+    model.train(training)
+
+
+def test_er_attack_beats_noise_of_the_same_budget(trained):
+    model, x, y = trained
+    eps, k = 8 / 255, 8
+    model.eval()
+    s0 = explain(model, x, y)
+    attack = ERAttack(model, eps=eps, steps=20, k=k)
+    x_adv = attack(x, y)
+    check_constraints(model, x, x_adv, eps)
+    p_er = precision_at_k(s0, explain(model, x_adv, y), k).mean().item()
+    p_noise = precision_at_k(s0, explain(model, uniform_in_ball(x, eps, None, seed=0), y), k).mean().item()
+    assert p_noise > 0.9
+    assert p_er < p_noise - 0.15, (p_er, p_noise)
+    # the MSE attack moves the saliency more than noise does, too
+    x_mse = MSEAttack(model, eps=eps, steps=10, k=k)(x, y)
+    check_constraints(model, x, x_mse, eps)
+    d_mse = (explain(model, x_mse, y) - s0).norm(dim=1).mean()
+    d_noise = (explain(model, uniform_in_ball(x, eps, None, seed=0), y) - s0).norm(dim=1).mean()
+    assert d_mse > 2 * d_noise
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (ERAttack, dict()),
+        (ERAttack, dict(step="l2", pair_set="all", random_start=True)),
+        (ERAttack, dict(pair_set="minmax", method="smoothgrad", method_kwargs={"num_samples": 2})),
+        (ERAttack, dict(target="logit", method="integrated_gradients", method_kwargs={"steps": 3})),
+        (MSEAttack, dict()),
+        (MSEAttack, dict(random_start=False, method="grad_x_input")),
+    ],
+)
+def test_batched_equals_per_sample_loop(cls, kwargs):
+    model = small_double_model()
+    x, y = double_data(6)
+    ids = torch.arange(100, 106)
+    attack = cls(model, eps=16 / 255, steps=4, k=10, **kwargs)
+    batched = attack(x, y, ids=ids)
+    flipped, taken = attack.flipped.clone(), attack.steps_taken.clone()
+    singles, single_taken = [], []
+    for i in range(6):
+        singles.append(attack(x[i : i + 1], y[i : i + 1], ids=ids[i : i + 1]))
+        single_taken.append(attack.steps_taken)
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=0, atol=1e-12)
+    assert torch.equal(taken, torch.cat(single_taken))
+    assert flipped.dtype == torch.bool
+
+
+def test_prediction_flip_keeps_last_unflipped_iterate():
+    model = small_double_model(seed=3)
+    x, y = double_data(16, seed=4)
+    eps = 0.5
+    attack = ERAttack(model, eps=eps, steps=6, step_size=0.1, k=8)
+    x_adv = attack(x, y)
+    check_constraints(model, x, x_adv, eps)
+    assert attack.flipped.any(), "the setting should make some samples flip"
+    assert (attack.steps_taken[attack.flipped] < 6).all()
+    assert (attack.steps_taken[~attack.flipped] == 6).all()
+    for i in attack.flipped.nonzero().flatten().tolist():
+        short = ERAttack(model, eps=eps, steps=int(attack.steps_taken[i]), step_size=0.1, k=8)
+        torch.testing.assert_close(short(x[i : i + 1], y[i : i + 1]), x_adv[i : i + 1], rtol=0, atol=1e-12)
+
+
+def test_mode_restored_and_parameter_grads_untouched():
+    model = small_double_model().train()
+    model[1].eval()
+    x, y = double_data()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    running = model[1].running_mean.clone()
+    for name in ("er", "mse"):
+        build_attack(name, model, eps=4 / 255, steps=2, k=5)(x, y)
+    assert model.training and model[0].training and not model[1].training
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert torch.equal(model[1].running_mean, running)
+
+
+def test_zero_budget_and_zero_steps_return_the_input():
+    model = small_double_model()
+    x, y = double_data()
+    torch.testing.assert_close(ERAttack(model, eps=0.0, steps=3, k=5)(x, y), x)
+    torch.testing.assert_close(ERAttack(model, eps=8 / 255, steps=0, k=5)(x, y), x)
+    start = ERAttack(model, eps=8 / 255, steps=0, k=5, random_start=True)(x, y)
+    assert (start - x).abs().max() <= 8 / 255 + 1e-9 and not torch.equal(start, x)
+
+
+def test_surrogate_gives_relu_networks_a_logit_attack():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 64, 3),
+    ).double()
+    x, y = double_data(8)
+    plain = ERAttack(model, eps=8 / 255, steps=5, k=8, target="logit")(x, y)
+    torch.testing.assert_close(plain, x)  # the input Hessian of a ReLU net is zero
+    attack = ERAttack(model, eps=8 / 255, steps=5, k=8, target="logit", surrogate_beta=5.0)
+    x_adv = attack(x, y)
+    check_constraints(model, x, x_adv, 8 / 255)
+    s0 = explain(model, x, None, target="logit")
+    assert precision_at_k(s0, explain(model, x_adv, None, target="logit"), 8).mean() < 1.0
+    assert all(isinstance(m, nn.ReLU) for m in model if isinstance(m, (nn.ReLU, nn.Softplus)))
+
+
+def test_frozen_gap_and_errors():
+    s = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    order = ranking(s)
+    assert frozen_gap(s, order, 2).item() == (5 + 4) - (3 + 2)
+    assert frozen_gap(s, order, 2, "all").item() == pytest.approx(4.5 - 2.0)
+    assert frozen_gap(s, order, 2, "minmax", m=1).item() == 4 - 3
+    model = small_double_model()
+    with pytest.raises(ValueError, match="step="):
+        ERAttack(model, step="linf")
+    with pytest.raises(ValueError, match="not known"):
+        build_attack("pgd", model)
+    with pytest.raises(ValueError, match="needs labels"):
+        ERAttack(model)(double_data()[0])
+
+
+# ---------------------------------------------------------------- AT objective
+def test_at_objective_is_registered_and_trains():
+    assert "at" in OBJECTIVES
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(beta=3.0), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    ).train()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 3, (6,))
+    # shared keys plus objective_kwargs; unknown keys are ignored
+    objective = build_objective(
+        "at", k=10, pair_set="boundary", h=1e-3, adaptive=True, weight=1.0, target="loss", pool=None,
+        eps=8 / 255, steps=2, clean_weight=0.5, something_else=3,
+    )
+    assert objective.double_backprop
+    calls = []
+    model[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    running = model[1].running_mean.clone()
+    out = objective(model, x, y)
+    assert model.training and model[1].training
+    assert all(p.grad is None for p in model.parameters())
+    assert set(out.terms) == {"ce", "ce_adv", "loss", "attack_flipped"}
+    assert out.logits.shape == (6, 3) and torch.isfinite(out.loss)
+    assert calls[-1] == 12  # clean and attacked images share one forward
+    assert not torch.equal(model[1].running_mean, running)  # only that train-mode forward moved BN
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    expected = out.terms["ce_adv"] + 0.5 * out.terms["ce"]
+    torch.testing.assert_close(out.terms["loss"], expected)
+
+
+def test_at_without_clean_term_uses_the_attack_clean_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Softplus(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    x, y = torch.rand(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    objective = build_objective("at", k=0.2, steps=1)
+    out = objective(model, x, y)
+    torch.testing.assert_close(out.logits, model(x).detach())
+    torch.testing.assert_close(out.loss.detach(), out.terms["ce_adv"])
+    with pytest.raises(ValueError, match="clean_weight"):
+        build_objective("at", clean_weight=-1)
+
+
+def test_at_objective_in_the_lightning_module():
+    classifier = pytest.importorskip("lightning_modules.classifier")
+    module = classifier.RobustClassifier(
+        backbone="resnet9", backbone_kwargs={"width": 2}, num_classes=3, activation="softplus",
+        softplus_beta=2.0, objective="at", k=8, objective_kwargs={"eps": 4 / 255, "steps": 2, "clean_weight": 1.0},
+    ).train()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    with warnings.catch_warnings():  # self.log without a Trainer
+        warnings.simplefilter("ignore")
+        loss = module.training_step((x, y), 0)
+    assert torch.isfinite(loss) and module.model.training
+    loss.backward()
+    assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
