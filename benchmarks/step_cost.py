@@ -14,6 +14,12 @@ the library, on purpose): a separate input gradient without graph for the rankin
 forward for CE, then one graph-carrying input gradient recomputed per term (the gap term's; the
 curvature term's at x and at x + h u) plus the curvature term's unused extra one.
 
+BatchNorm: the double-backprop objectives run on the model RobustClassifier trains, whose
+BatchNorm2d layers have the closed-form double backward of ``explanations.fast_batchnorm``;
+vanilla (first-order only) and naive_r2et (the reference code) use PyTorch's BatchNorm. The rows
+``r2et_noh/pytorch_bn`` and ``r2et/pytorch_bn`` are the library objectives on PyTorch's BatchNorm,
+so the two improvements (fewer passes, cheaper BatchNorm double backward) can be told apart.
+
 Time: ``--warmup`` steps (default 2), then the median of ``--repeats`` (default 5) timed steps
 (``torch.cuda.synchronize`` around each on GPU).
 
@@ -50,12 +56,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explanations import build_objective
+from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.regularizers import adaptive_weight, curvature_term, gap_term, safe_norm
 from explanations.saliency import ranking, saliency_from_gradient, unit_sign_direction
 from lightning_modules.backbones import build_backbone
 
 BACKBONES = ("resnet18", "resnet9")
-OBJECTIVES = ("vanilla", "r2et_noh", "r2et", "est_h", "grad_norm", "at", "naive_r2et")
+PYTORCH_BN = "/pytorch_bn"  # row suffix: the library objective with PyTorch's own BatchNorm double backward
+OBJECTIVES = (
+    "vanilla", "r2et_noh", "r2et", "est_h", "grad_norm", "at", "naive_r2et",
+    "r2et_noh" + PYTORCH_BN, "r2et" + PYTORCH_BN,
+)
 # the shipped R2ET settings (configs/model/r2et.yaml, configs/default.yaml)
 OBJECTIVE_CONFIG = dict(k=100, pair_set="boundary", adaptive=True, weight=0.1, h=1e-3, target="loss")
 
@@ -63,15 +74,23 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 # ----------------------------------------------------------------------------- models and data
-def build_model(name: str, device: torch.device, channels_last: bool = False) -> nn.Module:
-    """The benchmarked network, Softplus(0.5), train mode, a fixed initialisation."""
+def build_model(
+    name: str, device: torch.device, channels_last: bool = False, fast_batchnorm: bool = False, width: int = 64
+) -> nn.Module:
+    """The benchmarked network, Softplus(0.5), train mode, a fixed initialisation.
+
+    ``fast_batchnorm``: as RobustClassifier builds it for double-backprop objectives.
+    ``width``: ResNet-9's (64 = the reference network; smaller only for smoke tests).
+    """
     torch.manual_seed(0)
     if name == "resnet18":
         model = build_backbone("resnet18", num_classes=10, cifar_stem=True, activation="softplus", softplus_beta=0.5)
     elif name == "resnet9":
-        model = build_backbone("resnet9", num_classes=10, width=64, activation="softplus", softplus_beta=0.5)
+        model = build_backbone("resnet9", num_classes=10, width=width, activation="softplus", softplus_beta=0.5)
     else:
         raise ValueError(f"backbone={name!r} is not benchmarked; valid: {BACKBONES}")
+    if fast_batchnorm:
+        use_fast_batchnorm(model)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -121,14 +140,19 @@ def naive_r2et(model: nn.Module, x: Tensor, y: Tensor, k: int = 100, h: float = 
     return ce + adaptive_weight(weight, ce, r_h) * r_h + adaptive_weight(weight, ce, r_g) * r_g
 
 
-def loss_functions(names: tuple[str, ...]) -> dict[str, LossFn]:
-    fns: dict[str, LossFn] = {}
-    for name in names:
+def loss_functions(names: tuple[str, ...]) -> dict[str, tuple[LossFn, bool]]:
+    """``{row: (loss_fn, fast_batchnorm)}``: library objectives get the model RobustClassifier
+    trains (FastBatchNorm2d for double-backprop objectives) unless the row ends in ``/pytorch_bn``;
+    vanilla and naive_r2et (the reference code's way) use PyTorch's BatchNorm."""
+    fns: dict[str, tuple[LossFn, bool]] = {}
+    for row in names:
+        name = row.removesuffix(PYTORCH_BN)
         if name == "naive_r2et":
-            fns[name] = lambda m, x, y: naive_r2et(m, x, y, OBJECTIVE_CONFIG["k"], OBJECTIVE_CONFIG["h"], OBJECTIVE_CONFIG["weight"])
+            fns[row] = (lambda m, x, y: naive_r2et(m, x, y, OBJECTIVE_CONFIG["k"], OBJECTIVE_CONFIG["h"], OBJECTIVE_CONFIG["weight"]), False)
         else:
             objective = build_objective(name, **OBJECTIVE_CONFIG)
-            fns[name] = lambda m, x, y, objective=objective: objective(m, x, y).loss
+            fast = objective.double_backprop and not row.endswith(PYTORCH_BN)
+            fns[row] = (lambda m, x, y, objective=objective: objective(m, x, y).loss, fast)
     return fns
 
 
@@ -366,7 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--phases", action="store_true", help="also time the phases of vanilla / r2et_noh / r2et")
     parser.add_argument("--channels-last", action="store_true", help="also run some objectives with channels_last")
     parser.add_argument("--channels-last-objectives", nargs="+", default=["vanilla", "r2et_noh", "r2et"])
+    parser.add_argument("--extra-repeats", type=int, default=3, help="timed rounds of the channels_last rows and phases")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--resnet9-width", type=int, default=64, help="64 = the reference ResNet-9 (smaller: smoke tests)")
     args = parser.parse_args(argv)
     if "vanilla" not in args.objectives:
         args.objectives.insert(0, "vanilla")
@@ -375,13 +401,16 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     fns = loss_functions(tuple(dict.fromkeys([*args.objectives, *args.channels_last_objectives])))
 
-    def run_all(channels_last: bool, objectives: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    def run_all(channels_last: bool, objectives: list[str], repeats: int) -> dict[str, dict[str, dict[str, float]]]:
         results: dict[str, dict[str, dict[str, float]]] = {}
         for backbone in args.backbones:
             x, y = make_batch(args.batch_size, device, channels_last)
-            runners = {name: StepRunner(build_model(backbone, device, channels_last), fns[name], x, y) for name in objectives}
+            runners = {
+                name: StepRunner(build_model(backbone, device, channels_last, fns[name][1], args.resnet9_width), fns[name][0], x, y)
+                for name in objectives
+            }
             label = backbone + (" channels_last" if channels_last else "")
-            results[backbone] = measure_interleaved(runners, args.warmup, args.repeats, not args.no_memory, label)
+            results[backbone] = measure_interleaved(runners, args.warmup, repeats, not args.no_memory, label)
             del runners
         return results
 
@@ -389,17 +418,19 @@ def main(argv: list[str] | None = None) -> dict:
                     optimizer="SGD(lr=1e-3, momentum=0.9, weight_decay=5e-4)", input="32x32 RGB, fixed random batch")
     details: dict[str, object] = {"settings": settings, "hardware": _hardware(device)}
     start = time.time()
-    results = run_all(False, args.objectives)
+    results = run_all(False, args.objectives, args.repeats)
     keep = ("ms_per_step", "ratio_to_vanilla", "peak_mem_mb", "step_mem_mb", "mem_ratio_to_vanilla")
     main_json = {b: {o: {k: round(v, 3) for k, v in r.items() if k in keep} for o, r in rows.items()} for b, rows in results.items()}
     details["results"] = results
     if args.channels_last:
-        details["channels_last"] = run_all(True, ["vanilla", *[o for o in args.channels_last_objectives if o != "vanilla"]])
+        rows = ["vanilla", *[o for o in args.channels_last_objectives if o != "vanilla"]]
+        details["channels_last"] = run_all(True, rows, args.extra_repeats)
     if args.phases:
         details["phases"] = {}
         for backbone in args.backbones:
             x, y = make_batch(args.batch_size, device)
-            details["phases"][backbone] = phases(build_model(backbone, device), x, y, args.warmup, args.repeats)
+            model = build_model(backbone, device, fast_batchnorm=True, width=args.resnet9_width)
+            details["phases"][backbone] = phases(model, x, y, args.warmup, args.extra_repeats)
     details["wall_s"] = time.time() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(main_json, indent=2) + "\n")

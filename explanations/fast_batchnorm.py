@@ -21,7 +21,7 @@ gg_beta of the weight gradients, when those were part of the graph):
 (the derivation is in docs/benchmarks.md; ``tests/explanations/test_fast_batchnorm.py`` checks it
 against PyTorch's own double backward in float64). Eval mode (running statistics: an affine map
 whose double backward is already cheap) runs PyTorch's module unchanged; a third derivative is
-refused (the double backward is ``once_differentiable``).
+refused with a clear error.
 
 Use :func:`use_fast_batchnorm` on a model (in place: the modules keep their parameters, buffers,
 state-dict keys and ``isinstance(m, nn.BatchNorm2d)``); RobustClassifier does it for
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 _REDUCE = (0, 2, 3)
 
@@ -71,8 +70,12 @@ class _BatchNormBackward(torch.autograd.Function):
         return grad_in, grad_weight, grad_bias
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gg_in: Tensor | None, gg_weight: Tensor | None, gg_bias: Tensor | None):
+        if torch.is_grad_enabled():  # create_graph=True: a third derivative was asked for
+            raise RuntimeError(
+                "FastBatchNorm2d supports up to second derivatives (double backprop); for a third "
+                "derivative build the model with fast_batchnorm: false"
+            )
         grad_out, x, weight, save_mean, save_invstd = ctx.saved_tensors
         need_gy, need_x, need_w = ctx.needs_input_grad[:3]
         dtype = torch.promote_types(x.dtype, save_invstd.dtype)

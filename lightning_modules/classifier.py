@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from explanations.fast_batchnorm import use_fast_batchnorm
-from explanations.objectives import OBJECTIVES, build_objective
+from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
 from lightning_modules.backbones import build_backbone
 from lightning_modules.reliability import (
     architecture_differences,
@@ -157,6 +157,16 @@ class RobustClassifier(L.LightningModule):
                 f"objective={self.hparams.objective!r} needs double backward, which torch.compile "
                 "does not support; fit the module without torch.compile"
             )
+        if self._trainer is not None:
+            self._saved_tf32 = guard_curvature_precision(
+                self.objective, self.device.type, str(self.trainer.precision)
+            )
+
+    def on_fit_end(self) -> None:
+        saved = getattr(self, "_saved_tf32", None)
+        if saved is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+            self._saved_tf32 = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (``--ckpt_path``) a checkpoint of another architecture, listing what differs.
@@ -273,6 +283,38 @@ def check_precision(objective: str, precision: object) -> None:
             "backprop needs the input gradient unscaled, which fp16 loss scaling does not protect "
             "from underflow; use trainer.precision: bf16-mixed (GPU or CPU) or 32-true"
         )
+
+
+def guard_curvature_precision(objective, device_type: str, precision: str) -> tuple[bool, bool] | None:
+    """Keep the curvature term's finite difference (g(x + h u) - g(x)) / h above rounding noise.
+
+    With h < ``AUTOCAST_MIN_H`` the step is below the resolution of 16-bit formats and of TF32
+    (10-bit mantissa), so R_H would measure rounding (docs/benchmarks.md: ~30x its fp32 value
+    under bf16 at h = 1e-3, ~4x with TF32-rounded convolutions). On CUDA in fp32 this turns TF32
+    off for the run and returns the previous (cudnn, matmul) flags to restore; with bf16-true
+    it warns. Returns None when nothing was changed.
+    """
+    if not getattr(objective, "curvature", False) or getattr(objective, "h", AUTOCAST_MIN_H) >= AUTOCAST_MIN_H:
+        return None
+    h = objective.h
+    if precision == "bf16-true":  # (under bf16-mixed autocast the objective warns by itself)
+        warnings.warn(
+            f"precision={precision!r} with the curvature term and h={h}: bf16 rounding swamps the "
+            f"finite difference and R_H becomes noise; use h >= {AUTOCAST_MIN_H} or precision 32-true",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
+    if device_type != "cuda":
+        return None
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    if any(saved):
+        log.info("curvature term with h=%s: TF32 convolutions/matmuls turned off for this run (their "
+                 "10-bit mantissa would swamp the finite difference)", h)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return saved
+    return None
 
 
 def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -146,6 +146,9 @@ class Preset:
 
 
 def _cpu_cifar() -> TaskConfig:
+    # Budget (measured per image on one contended core, see docs/results.md for the run's own
+    # timings): pretrain ~2.7 ms/image-epoch; fine-tune ~2.6 ms/image (CE), ~6 (grad-norm),
+    # ~13-15 (Est-H, R2ET family), ~16 (AT, 3 steps); ERAttack ~4-5 ms/image-step.
     return TaskConfig(
         backbone_kwargs={"width": 16},
         train_size=20000,
@@ -155,13 +158,13 @@ def _cpu_cifar() -> TaskConfig:
         num_workers=0,
         pretrain_epochs=6,
         pretrain_lr=0.05,
-        finetune_epochs=1,
+        finetune_epochs=2,
         finetune_lr=0.01,
         grids={
             "wd": [5e-3, 5e-2],
-            "est_h": [0.1, 0.3],
-            "grad_norm": [0.1, 1.0],
-            "r2et": [0.1, 0.3],
+            "est_h": [0.03, 0.1],
+            "grad_norm": [0.03, 0.1],
+            "r2et": [0.03, 0.1],
         },
         defaults={"sp": 5.0, "at": 8 / 255},
         inherit={"r2et_noh": "r2et", "r2et_mm": "r2et"},
@@ -170,15 +173,15 @@ def _cpu_cifar() -> TaskConfig:
         eval=EvalConfig(
             size=100,
             attack_steps=100,
-            relu_surrogate=("er",),
+            relu_surrogate=("er", "mse"),
             eps_curve_steps=10,
-            eps_curve_size=100,
-            steps_curve=(10, 25, 50, 100),
+            eps_curve_size=50,
+            steps_curve=(10, 50, 100),
             steps_curve_size=100,
             thickness_size=100,
             thickness_samples=4,
             thickness_points=4,
-            explainer_size=50,
+            explainer_size=40,
             explainer_steps=20,
             smoothgrad_samples=8,
             ig_steps=8,
@@ -191,6 +194,8 @@ def _cpu_cifar() -> TaskConfig:
 
 
 def _cpu_imagenette() -> TaskConfig:
+    # ~34 ms/image-epoch pretraining, ~160 ms/image R2ET fine-tuning, ~45 ms/image-step ERAttack
+    # (timm's test_resnet, 224 px, one core).
     return TaskConfig(
         dataset="imagenette",
         backbone="test_resnet",
@@ -199,7 +204,7 @@ def _cpu_imagenette() -> TaskConfig:
         k=0.1,
         pool=8,
         train_size=2000,
-        finetune_size=1000,
+        finetune_size=500,
         val_size=500,
         val_fraction=0.1,
         augment=False,
@@ -207,7 +212,7 @@ def _cpu_imagenette() -> TaskConfig:
         num_workers=0,
         pretrain_epochs=6,
         pretrain_lr=0.05,
-        finetune_epochs=1,
+        finetune_epochs=2,
         finetune_lr=0.01,
         methods=("vanilla", "r2et"),
         defaults={"r2et": 0.1},
@@ -216,7 +221,7 @@ def _cpu_imagenette() -> TaskConfig:
             size=50,
             batch_size=25,
             attack_steps=20,
-            relu_surrogate=(),
+            relu_surrogate=("er",),
             eps_list=(2 / 255, 8 / 255),
             eps_curve_steps=5,
             eps_curve_size=25,
@@ -226,7 +231,7 @@ def _cpu_imagenette() -> TaskConfig:
             thickness_samples=2,
             thickness_points=2,
             explainer_size=0,
-            pse_size=50,
+            pse_size=30,
             pse_steps=10,
             pse_group_size=32,
             test_acc_size=1000,
@@ -342,8 +347,9 @@ def build_preset(name: str) -> Preset:
     if name == "cpu":
         return Preset(
             "cpu",
-            "about one hour on 2 CPU cores: ResNet-9 width 16 on a 10k-image CIFAR-10 subset, "
-            "100-image evaluation subset; Imagenette with timm's test_resnet on 2k images",
+            "about 45-60 minutes on 2 idle CPU cores: ResNet-9 width 16 on a 20k-image CIFAR-10 subset, "
+            "2-epoch fine-tunes on 5k images, 100-image evaluation subset with 100-step attacks; Imagenette "
+            "at 224 px with timm's test_resnet (0.4M parameters) pretrained on 2k images, 20-step attacks",
             _cpu_cifar(), _cpu_imagenette(), accelerator="cpu",
         )
     if name == "full":

@@ -231,8 +231,8 @@ def make_plots(results: dict, out_dir: Path) -> dict[str, str]:
         for method, e in ev.items():
             er, mse = _pk(e, "er"), _pk(e, "mse")
             acc = 100 * e["test_acc"]
-            ax.errorbar(acc, er["mean"], yerr=er.get("se") or 0, fmt="o", capsize=3, label=f"{METHOD_NAMES[method]}")
-            color = ax.get_lines()[-1].get_color() if ax.get_lines() else None
+            bars = ax.errorbar(acc, er["mean"], yerr=er.get("se") or 0, fmt="o", capsize=3, label=f"{METHOD_NAMES[method]}")
+            color = bars[0].get_color()
             if mse:
                 ax.plot(acc, mse["mean"], marker="s", mfc="none", color=color, ls="none")
             ax.annotate(METHOD_NAMES[method], (acc, er["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -324,12 +324,15 @@ def _protocol(results: dict) -> list[str]:
             f"pretrain {cfg['pretrain_epochs']} epochs on {cfg['train_size']} train images (lr {cfg['pretrain_lr']}); "
             f"fine-tune {cfg['finetune_epochs']} epoch(s) on {cfg['finetune_size'] or cfg['train_size']} of them "
             f"(lr {cfg['finetune_lr']}), batch {cfg['batch_size']}; val accuracy on {cfg['val_size']} images, "
-            f"sweep P@k on {cfg['sweep_eval_size']} val images with a {cfg['sweep_attack_steps']}-step ERAttack; "
-            f"floor {cfg['accuracy_floor']} points; Softplus beta {cfg['softplus_beta']:g}. Evaluation: {e['size']} test images, eps {e['eps'] * 255:.3g}/255, "
+            + (f"sweep P@k on {cfg['sweep_eval_size']} val images with a {cfg['sweep_attack_steps']}-step ERAttack; "
+               if cfg["sweep_eval_size"] else "no sweep P@k; ")
+            + f"floor {cfg['accuracy_floor']} points; Softplus beta {cfg['softplus_beta']:g}. Evaluation: {e['size']} test images, eps {e['eps'] * 255:.3g}/255, "
             f"{e['attack_steps']}-step ERAttack and MSE attack; thickness {e['thickness_samples']} x "
-            f"{e['thickness_points']} points on {e['thickness_size']} images; SmoothGrad ({e['smoothgrad_samples']} "
-            f"samples, sigma {e['smoothgrad_noise']}) and IG ({e['ig_steps']} steps) attacked with "
-            f"{e['explainer_steps']}-step ERAttack on {e['explainer_size']} images; PSE: {e['pse_steps']}-step "
+            f"{e['thickness_points']} points on {e['thickness_size']} images; "
+            + (f"SmoothGrad ({e['smoothgrad_samples']} samples, sigma {e['smoothgrad_noise']}) and IG ({e['ig_steps']} "
+               f"steps) attacked with {e['explainer_steps']}-step ERAttack on {e['explainer_size']} images; "
+               if e["explainer_size"] else "no SmoothGrad/IG attacks; ")
+            + f"PSE: {e['pse_steps']}-step "
             f"targeted PGD (random target), {e['pse_group_size']} px groups, {e['pse_size']} images; test "
             f"accuracy on {e['test_acc_size']} images. ReLU models: {', '.join(e['relu_surrogate']) or 'no'} attack(s) "
             f"also through Softplus({e['surrogate_beta']:g}). AT trains with a {cfg['at_steps']}-step ERAttack."
