@@ -15,9 +15,11 @@ forward for CE, then one graph-carrying input gradient recomputed per term (the 
 curvature term's at x and at x + h u) plus the curvature term's unused extra one.
 
 BatchNorm: the double-backprop objectives run on the model RobustClassifier trains, whose
-BatchNorm2d layers have the closed-form double backward of ``explanations.fast_batchnorm``;
-vanilla (first-order only) and naive_r2et (the reference code) use PyTorch's BatchNorm. The rows
-``r2et_noh/pytorch_bn`` and ``r2et/pytorch_bn`` are the library objectives on PyTorch's BatchNorm,
+BatchNorm2d layers have the closed-form double backward of ``explanations.fast_batchnorm`` and
+whose Softplus / max pooling are ``explanations.lean_layers``' (smaller double-backprop graph);
+vanilla (first-order only) and naive_r2et (the reference code) use PyTorch's layers. The rows
+``r2et_noh/pytorch_layers`` and ``r2et/pytorch_layers`` are the library objectives on PyTorch's
+BatchNorm, Softplus and max pooling,
 so the two improvements (fewer passes, cheaper BatchNorm double backward) can be told apart.
 
 Time: ``--warmup`` steps (default 2), then the median of ``--repeats`` (default 5) timed steps
@@ -36,9 +38,10 @@ buffers and the Python heap are not counted (they are not tensor memory). ``step
 part above the state held at the start of the step (activations, autograd graph, gradients).
 
 The main JSON is ``{backbone: {objective: {ms_per_step, ratio_to_vanilla, peak_mem_mb}}}`` (plus
-``step_mem_mb`` and ``mem_ratio_to_vanilla``); ``<out>_details.json`` holds the settings, the
-hardware, the per-phase breakdown of vanilla / r2et_noh / r2et (``--phases``) and the
-channels_last rows (``--channels-last``).
+``step_mem_mb``, ``mem_ratio_to_vanilla``, ``ms_min``, ``cpu_ms_per_step`` and their ratios);
+``<out>_details.json`` holds the settings, the hardware, every step time and the per-phase
+breakdown of vanilla / r2et_noh / r2et (``--phases``). ``--channels-last`` adds channels_last rows
+(``vanilla/channels_last`` ...), timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -60,16 +63,19 @@ from torch import Tensor, nn
 
 from explanations import build_objective
 from explanations.fast_batchnorm import use_fast_batchnorm
+from explanations.lean_layers import use_lean_layers
 from explanations.regularizers import adaptive_weight, curvature_term, gap_term, safe_norm
 from explanations.saliency import ranking, saliency_from_gradient, unit_sign_direction
 from lightning_modules.backbones import build_backbone
 
 BACKBONES = ("resnet18", "resnet9")
-PYTORCH_BN = "/pytorch_bn"  # row suffix: the library objective with PyTorch's own BatchNorm double backward
+PYTORCH_LAYERS = "/pytorch_layers"  # row suffix: the library objective on PyTorch's own BatchNorm, Softplus, max pooling
+CHANNELS_LAST = "/channels_last"  # row suffix: model and batch in channels_last memory format
 OBJECTIVES = (
     "vanilla", "r2et_noh", "r2et", "est_h", "grad_norm", "at", "naive_r2et",
-    "r2et_noh" + PYTORCH_BN, "r2et" + PYTORCH_BN,
+    "r2et_noh" + PYTORCH_LAYERS, "r2et" + PYTORCH_LAYERS,
 )
+CHANNELS_LAST_ROWS = ("vanilla" + CHANNELS_LAST, "r2et_noh" + CHANNELS_LAST, "r2et" + CHANNELS_LAST)
 # the shipped R2ET settings (configs/model/r2et.yaml, configs/default.yaml)
 OBJECTIVE_CONFIG = dict(k=100, pair_set="boundary", adaptive=True, weight=0.1, h=1e-3, target="loss")
 
@@ -78,11 +84,11 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 # ----------------------------------------------------------------------------- models and data
 def build_model(
-    name: str, device: torch.device, channels_last: bool = False, fast_batchnorm: bool = False, width: int = 64
+    name: str, device: torch.device, channels_last: bool = False, library_layers: bool = False, width: int = 64
 ) -> nn.Module:
     """The benchmarked network, Softplus(0.5), train mode, a fixed initialisation.
 
-    ``fast_batchnorm``: as RobustClassifier builds it for double-backprop objectives.
+    ``library_layers``: as RobustClassifier builds it for double-backprop objectives.
     ``width``: ResNet-9's (64 = the reference network; smaller only for smoke tests).
     """
     torch.manual_seed(0)
@@ -92,8 +98,9 @@ def build_model(
         model = build_backbone("resnet9", num_classes=10, width=width, activation="softplus", softplus_beta=0.5)
     else:
         raise ValueError(f"backbone={name!r} is not benchmarked; valid: {BACKBONES}")
-    if fast_batchnorm:
+    if library_layers:  # as RobustClassifier: fast BatchNorm and lean Softplus / max pooling
         use_fast_batchnorm(model)
+        use_lean_layers(model)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -143,19 +150,21 @@ def naive_r2et(model: nn.Module, x: Tensor, y: Tensor, k: int = 100, h: float = 
     return ce + adaptive_weight(weight, ce, r_h) * r_h + adaptive_weight(weight, ce, r_g) * r_g
 
 
-def loss_functions(names: tuple[str, ...]) -> dict[str, tuple[LossFn, bool]]:
-    """``{row: (loss_fn, fast_batchnorm)}``: library objectives get the model RobustClassifier
-    trains (FastBatchNorm2d for double-backprop objectives) unless the row ends in ``/pytorch_bn``;
-    vanilla and naive_r2et (the reference code's way) use PyTorch's BatchNorm."""
-    fns: dict[str, tuple[LossFn, bool]] = {}
+def loss_functions(names: tuple[str, ...]) -> dict[str, tuple[LossFn, bool, bool]]:
+    """``{row: (loss_fn, library_layers, channels_last)}``: library objectives get the model
+    RobustClassifier trains (for double-backprop objectives FastBatchNorm2d, LeanSoftplus,
+    LeanMaxPool2d) unless the row has the suffix ``/pytorch_layers``; vanilla and naive_r2et (the
+    reference code's way) use PyTorch's layers. ``/channels_last`` rows put the model and the batch in channels_last format."""
+    fns: dict[str, tuple[LossFn, bool, bool]] = {}
     for row in names:
-        name = row.removesuffix(PYTORCH_BN)
+        channels_last = CHANNELS_LAST in row
+        name = row.replace(PYTORCH_LAYERS, "").replace(CHANNELS_LAST, "")
         if name == "naive_r2et":
-            fns[row] = (lambda m, x, y: naive_r2et(m, x, y, OBJECTIVE_CONFIG["k"], OBJECTIVE_CONFIG["h"], OBJECTIVE_CONFIG["weight"]), False)
+            fns[row] = (lambda m, x, y: naive_r2et(m, x, y, OBJECTIVE_CONFIG["k"], OBJECTIVE_CONFIG["h"], OBJECTIVE_CONFIG["weight"]), False, channels_last)
         else:
             objective = build_objective(name, **OBJECTIVE_CONFIG)
-            fast = objective.double_backprop and not row.endswith(PYTORCH_BN)
-            fns[row] = (lambda m, x, y, objective=objective: objective(m, x, y).loss, fast)
+            library = objective.double_backprop and PYTORCH_LAYERS not in row
+            fns[row] = (lambda m, x, y, objective=objective: objective(m, x, y).loss, library, channels_last)
     return fns
 
 
@@ -401,9 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--phases", action="store_true", help="also time the phases of vanilla / r2et_noh / r2et")
-    parser.add_argument("--channels-last", action="store_true", help="also run some objectives with channels_last")
-    parser.add_argument("--channels-last-objectives", nargs="+", default=["vanilla", "r2et_noh", "r2et"])
-    parser.add_argument("--extra-repeats", type=int, default=3, help="timed rounds of the channels_last rows and phases")
+    parser.add_argument("--channels-last", action="store_true",
+                        help=f"add the rows {', '.join(CHANNELS_LAST_ROWS)} (timed in the same rounds)")
+    parser.add_argument("--extra-repeats", type=int, default=3, help="timed rounds of the phase breakdown")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--resnet9-width", type=int, default=64, help="64 = the reference ResNet-9 (smaller: smoke tests)")
     args = parser.parse_args(argv)
@@ -412,18 +421,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    fns = loss_functions(tuple(dict.fromkeys([*args.objectives, *args.channels_last_objectives])))
+    if args.channels_last:
+        args.objectives += [row for row in CHANNELS_LAST_ROWS if row not in args.objectives]
+    fns = loss_functions(tuple(args.objectives))
 
-    def run_all(channels_last: bool, objectives: list[str], repeats: int) -> dict[str, dict[str, dict[str, float]]]:
+    def run_all(objectives: list[str], repeats: int) -> dict[str, dict[str, dict[str, float]]]:
         results: dict[str, dict[str, dict[str, float]]] = {}
         for backbone in args.backbones:
-            x, y = make_batch(args.batch_size, device, channels_last)
-            runners = {
-                name: StepRunner(build_model(backbone, device, channels_last, fns[name][1], args.resnet9_width), fns[name][0], x, y)
-                for name in objectives
-            }
-            label = backbone + (" channels_last" if channels_last else "")
-            results[backbone] = measure_interleaved(runners, args.warmup, repeats, not args.no_memory, label)
+            batches = {cl: make_batch(args.batch_size, device, cl) for cl in (False, True)}
+            runners = {}
+            for name in objectives:
+                loss_fn, library, channels_last = fns[name]
+                model = build_model(backbone, device, channels_last, library, args.resnet9_width)
+                runners[name] = StepRunner(model, loss_fn, *batches[channels_last])
+            results[backbone] = measure_interleaved(runners, args.warmup, repeats, not args.no_memory, backbone)
             del runners
         return results
 
@@ -431,27 +442,22 @@ def main(argv: list[str] | None = None) -> dict:
                     optimizer="SGD(lr=1e-3, momentum=0.9, weight_decay=5e-4)", input="32x32 RGB, fixed random batch")
     details: dict[str, object] = {"settings": settings, "hardware": _hardware(device)}
     start = time.time()
-    results = run_all(False, args.objectives, args.repeats)
+    results = run_all(args.objectives, args.repeats)
     keep = ("ms_per_step", "ratio_to_vanilla", "peak_mem_mb", "step_mem_mb", "mem_ratio_to_vanilla",
             "ms_min", "min_ratio_to_vanilla", "cpu_ms_per_step", "cpu_ratio_to_vanilla")
     main_json = {b: {o: {k: round(v, 3) for k, v in r.items() if k in keep} for o, r in rows.items()} for b, rows in results.items()}
     details["results"] = results
-    if args.channels_last:
-        rows = ["vanilla", *[o for o in args.channels_last_objectives if o != "vanilla"]]
-        details["channels_last"] = run_all(True, rows, args.extra_repeats)
     if args.phases:
         details["phases"] = {}
         for backbone in args.backbones:
             x, y = make_batch(args.batch_size, device)
-            model = build_model(backbone, device, fast_batchnorm=True, width=args.resnet9_width)
+            model = build_model(backbone, device, library_layers=True, width=args.resnet9_width)
             details["phases"][backbone] = phases(model, x, y, args.warmup, args.extra_repeats)
     details["wall_s"] = time.time() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(main_json, indent=2) + "\n")
     args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
     print(markdown_table(results))
-    if args.channels_last:
-        print("\nchannels_last:\n" + markdown_table(details["channels_last"]))
     if args.phases:
         print("\nphases (median ms):\n" + json.dumps(details["phases"], indent=1))
     return main_json

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from explanations.fast_batchnorm import use_fast_batchnorm
+from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
 from lightning_modules.backbones import build_backbone
 from lightning_modules.reliability import (
@@ -70,6 +71,9 @@ class RobustClassifier(L.LightningModule):
         fast_batchnorm: for double-backprop objectives, give every ``nn.BatchNorm2d`` the
             closed-form double backward of ``explanations.fast_batchnorm`` (same parameters,
             state dict and results; about 25% less time per R2ET step on CPU).
+        lean_layers: for double-backprop objectives, use ``explanations.lean_layers``' Softplus
+            and max pooling, whose double-backprop graph holds one activation less per layer
+            (same results; about 20% less R2ET step memory).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class RobustClassifier(L.LightningModule):
         nonfinite: Literal["error", "skip"] = "error",
         compile: bool = False,
         fast_batchnorm: bool = True,
+        lean_layers: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -128,6 +133,8 @@ class RobustClassifier(L.LightningModule):
             load_model_weights(self.model, init_from, expected_hparams=self.hparams)
         if fast_batchnorm and self.objective.double_backprop:
             use_fast_batchnorm(self.model)
+        if lean_layers and self.objective.double_backprop:
+            use_lean_layers(self.model)
         if compile:
             self.model = torch.compile(self.model)
         self.optimizer_factory = optimizer

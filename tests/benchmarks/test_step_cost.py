@@ -30,9 +30,9 @@ def test_cpu_peak_memory_counts_live_tensor_bytes():
 def test_step_cost_writes_the_documented_json(tmp_path):
     out = tmp_path / "step_cost.json"
     main(["--out", str(out), "--backbones", "resnet9", "--resnet9-width", "4", "--batch-size", "4",
-          "--warmup", "0", "--repeats", "1", "--objectives", "vanilla", "r2et", "naive_r2et", "r2et/pytorch_bn"])
+          "--warmup", "0", "--repeats", "1", "--objectives", "vanilla", "r2et", "naive_r2et", "r2et/pytorch_layers"])
     data = json.loads(out.read_text())
-    assert set(data) == {"resnet9"} and set(data["resnet9"]) == {"vanilla", "r2et", "naive_r2et", "r2et/pytorch_bn"}
+    assert set(data) == {"resnet9"} and set(data["resnet9"]) == {"vanilla", "r2et", "naive_r2et", "r2et/pytorch_layers"}
     for row in data["resnet9"].values():
         assert {"ms_per_step", "ratio_to_vanilla", "peak_mem_mb"} <= set(row)
         assert row["ms_per_step"] > 0 and row["peak_mem_mb"] > 0

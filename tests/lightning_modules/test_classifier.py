@@ -24,6 +24,18 @@ def test_training_step_returns_loss_and_logs_every_term(monkeypatch):
     assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("objective,lean", [("r2et", True), ("grad_norm", True), ("vanilla", False)])
+def test_double_backprop_objectives_get_the_lean_layers(objective, lean):
+    from explanations.fast_batchnorm import FastBatchNorm2d
+    from explanations.lean_layers import LeanMaxPool2d, LeanSoftplus
+
+    types = {type(m) for m in RobustClassifier(**TINY, objective=objective).model.modules()}
+    assert ({LeanSoftplus, LeanMaxPool2d, FastBatchNorm2d} <= types) is lean
+    assert not lean or not {nn.Softplus, nn.MaxPool2d} & types
+    off = {type(m) for m in RobustClassifier(**TINY, objective=objective, lean_layers=False).model.modules()}
+    assert LeanSoftplus not in off and nn.Softplus in off
+
+
 def test_validation_logs_regularizer_terms_when_grad_allowed(monkeypatch):
     module = RobustClassifier(**TINY, objective="r2et_noh").eval()
     logged = {}

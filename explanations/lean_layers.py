@@ -1,0 +1,142 @@
+"""Softplus and max pooling whose double-backprop graph holds fewer tensors.
+
+A double-backprop objective keeps the graph of an input gradient g(x) alive until its final
+``backward``; each layer's first backward saves what its own backward (the double backward) needs.
+PyTorch's versions save more than that:
+
+- Softplus, s = softplus(z) with gz = gs * sig(beta z): the double backward needs
+  d/dgs = v sig(beta z) and d/dz = v gs beta sig (1 - sig). PyTorch saves z and the incoming
+  gradient gs. Since gs sig = gz, d/dz = v gz beta (1 - sig): saving the *outgoing* gradient gz
+  instead is exact, and gz is already saved by the layer below (BatchNorm's double backward
+  keeps it), so one full-size activation per Softplus is no longer held.
+- Max pooling: PyTorch's backward keeps the pooled *input* (only its shape is used) next to the
+  indices. Here the backward is a scatter-add of the output gradient at the indices, which saves
+  the indices only (one input-sized activation per pooling layer less).
+
+Values and gradients (first and second order) are those of ``nn.Softplus`` / ``nn.MaxPool2d``
+(``tests/explanations/test_lean_layers.py`` checks both in float64). A third derivative is
+refused with a clear error. :func:`use_lean_layers` converts a model in place (same modules,
+no parameters involved); RobustClassifier does it for double-backprop objectives
+(``lean_layers: true``, the default). Measured effect: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_THIRD_ORDER = (
+    "{name} supports up to second derivatives (double backprop); for a third derivative build "
+    "the model with lean_layers: false"
+)
+
+
+class _SoftplusGrad(torch.autograd.Function):
+    """forward: gz = softplus_backward(gs, z); backward: the double backward from (z, gz)."""
+
+    @staticmethod
+    def forward(ctx, grad_out: Tensor, z: Tensor, beta: float, threshold: float) -> Tensor:
+        grad_in = torch.ops.aten.softplus_backward(grad_out, z, beta, threshold)
+        ctx.save_for_backward(z, grad_in)
+        ctx.beta, ctx.threshold = beta, threshold
+        return grad_in
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_THIRD_ORDER.format(name="LeanSoftplus"))
+        z, grad_in = ctx.saved_tensors
+        need_gy, need_z = ctx.needs_input_grad[:2]
+        # sig = sigmoid(beta z), set to 1 where softplus is linear (beta z > threshold): PyTorch's
+        # own fused kernel with a unit incoming gradient gives exactly that in one pass
+        sig = torch.ops.aten.softplus_backward(torch.ones((), dtype=z.dtype, device=z.device).expand_as(z), z, ctx.beta, ctx.threshold)
+        d_gy = v * sig if need_gy else None
+        d_z = None
+        if need_z:  # beta v gz (1 - sig): 0 where linear
+            q = v * grad_in
+            d_z = torch.addcmul(q, q, sig, value=-1.0).mul_(ctx.beta)
+        return d_gy, d_z, None, None
+
+
+class _Softplus(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, beta: float, threshold: float) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.beta, ctx.threshold = beta, threshold
+        return F.softplus(z, beta, threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (z,) = ctx.saved_tensors
+        return _SoftplusGrad.apply(grad_out, z, ctx.beta, ctx.threshold), None, None
+
+
+class LeanSoftplus(nn.Softplus):
+    """``nn.Softplus`` whose double backward saves the outgoing gradient (see the module doc)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        return _Softplus.apply(x, float(self.beta), float(self.threshold))
+
+
+class _MaxPoolGrad(torch.autograd.Function):
+    """forward: scatter-add of the output gradient at the argmax indices; linear in it."""
+
+    @staticmethod
+    def forward(ctx, grad_out: Tensor, indices: Tensor, shape: torch.Size) -> Tensor:
+        ctx.save_for_backward(indices)
+        b, c = shape[:2]
+        flat_idx = indices.reshape(b, c, -1)
+        grad_in = grad_out.new_zeros(b, c, shape[2] * shape[3])
+        return grad_in.scatter_add_(2, flat_idx, grad_out.reshape(b, c, -1)).view(shape)
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_THIRD_ORDER.format(name="LeanMaxPool2d"))
+        (indices,) = ctx.saved_tensors
+        b, c = indices.shape[:2]
+        d_gy = v.reshape(b, c, -1).gather(2, indices.reshape(b, c, -1)).view(indices.shape)
+        return d_gy, None, None
+
+
+class _MaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool) -> Tensor:
+        out, indices = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+        ctx.save_for_backward(indices)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (indices,) = ctx.saved_tensors
+        return _MaxPoolGrad.apply(grad_out, indices, ctx.shape), None, None, None, None, None
+
+
+class LeanMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (4-D input) whose backward keeps only the argmax indices."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.return_indices or x.dim() != 4 or not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return _MaxPool.apply(x, self.kernel_size, stride, self.padding, self.dilation, self.ceil_mode)
+
+
+def use_lean_layers(model: nn.Module) -> int:
+    """Turn every exact ``nn.Softplus`` / ``nn.MaxPool2d`` of ``model`` into its lean version in place.
+
+    Returns how many modules were converted (subclasses are left alone: their forward may differ).
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Softplus:
+            module.__class__ = LeanSoftplus
+            count += 1
+        elif type(module) is nn.MaxPool2d:
+            module.__class__ = LeanMaxPool2d
+            count += 1
+    return count
