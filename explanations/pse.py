@@ -190,11 +190,21 @@ def group_pse(
     cutoffs=DEFAULT_CUTOFFS,
     chunk_size: int = 256,
 ) -> PSE:
-    """Group-level PSE: S, P, phi, category of each isolated g x g group, shapes (B, G)."""
+    """Group-level PSE: S, P, phi, category of each isolated g x g group, shapes (B, G).
+
+    A group where delta is exactly zero leaves x0 unchanged, so its S = P = 0 and it is
+    ``ineffective`` by definition; its logits are taken to be the clean ones rather than a second
+    forward pass, whose float rounding depends on the batch composition (and so on the number of
+    DDP ranks) and would otherwise give it a random category.
+    """
     if clean_logits is None:
         with eval_mode(model), torch.no_grad():
             clean_logits = model(x)
     logits = group_logits(model, x, delta, group_size, chunk_size)
+    masks = group_masks(x.shape[-2], x.shape[-1], group_size, x.device)  # (G, H, W)
+    moved = (delta.detach() != 0).any(1)  # (B, H, W): pixels the perturbation touches
+    touched = (moved[:, None] & masks[None]).flatten(2).any(2)  # (B, G)
+    logits = torch.where(touched[..., None], logits, clean_logits[:, None].to(logits.dtype))
     return pse_from_logits(clean_logits, logits, labels, targets, cutoffs)
 
 

@@ -122,6 +122,31 @@ def test_group_effects_of_linear_model_add_up():
     torch.testing.assert_close(group.P.sum(1), whole.P, atol=1e-5, rtol=0)
 
 
+class BatchSizeNoise(nn.Module):
+    """The linear model plus 1e-6 * batch size: outputs that depend on the batch composition,
+    as float rounding in real batched convolutions does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = linear_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + 1e-6 * x.shape[0]
+
+
+def test_group_without_perturbation_is_ineffective_whatever_the_batch_rounding():
+    model = BatchSizeNoise()
+    x0 = torch.full((2, C, H, W), 0.5)
+    delta = torch.zeros(2, C, H, W)
+    delta[0, 0, 0, 0] = -0.2  # sample 0: only group 0 moves (S = 0.2); sample 1: nothing moves
+    labels, targets = torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    group = group_pse(model, x0, delta, labels, targets, group_size=2)
+    assert group.category[0, 0] == SUPPRESSION
+    assert group.category[0, 1:].tolist() == [INEFFECTIVE] * 3
+    assert group.category[1].tolist() == [INEFFECTIVE] * 4
+    assert torch.equal(group.S[1], torch.zeros(4)) and torch.equal(group.P[1], torch.zeros(4))
+
+
 def small_convnet(num_classes: int = 5) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
