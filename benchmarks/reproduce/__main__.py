@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["stage_seconds"] = round(sum(_stage_seconds(t) for t in results["tasks"].values()), 1)
         results["hardware"]["load_end"] = _load()
         write_json(json_path, results)
-    others = [json.loads(Path(p).read_text()) for p in args.compare]
+    others = []
+    for other_path in args.compare:
+        other = json.loads(Path(other_path).read_text())
+        other["_source"] = other_path  # where it is now (its json_path is where it was written)
+        others.append(other)
     path = write_report(results, out_dir, doc, others)
     log(f"wrote {json_path} and {path}")
     return results

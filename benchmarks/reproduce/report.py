@@ -442,7 +442,8 @@ def compare_section(results: dict, others: list[dict]) -> list[str]:
         if not runs:
             continue
         head = " | ".join(f"{name}: this / other(s) / max abs diff" for name, _ in metrics)
-        lines += [f"**{task_name}** (other runs: " + ", ".join(f"seed {o.get('seed')}, `{o.get('json_path')}`" for o in runs) + ")", "",
+        lines += [f"**{task_name}**. This run: {_run_label(results)}. Other runs: "
+                  + "; ".join(_run_label(o) for o in runs) + ".", "",
                   f"| Method | {head} |", "|---|" + "---|" * len(metrics)]
         worst = {name: 0.0 for name, _ in metrics}
         for method, ev in task["eval"].items():
@@ -456,7 +457,33 @@ def compare_section(results: dict, others: list[dict]) -> list[str]:
                 cells.append(f"{_f(mine)} / {' '.join(_f(t) for t in theirs)} / {_f(max(diffs) if diffs else None)}")
             lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
         lines += ["", "Largest difference over methods: " + ", ".join(f"{n} {_f(v)}" for n, v in worst.items()) + ".", ""]
+        lines += _ordering_across_runs(task_name, [results, *runs])
     return lines
+
+
+def _run_label(results: dict) -> str:
+    """seed, torch threads and version, and where the results JSON is."""
+    hw = results.get("hardware", {})
+    where = results.get("_source") or results.get("json_path")
+    return (f"seed {results.get('seed')}, {hw.get('threads', '?')} torch thread(s), "
+            f"torch {hw.get('torch', '?')}, `{where}`")
+
+
+def _ordering_across_runs(task_name: str, runs: list[dict]) -> list[str]:
+    """R2ET minus each baseline in ER P@k, run by run: does the sign survive a rerun?"""
+    evals = [r["tasks"][task_name]["eval"] for r in runs]
+    if not all("r2et" in ev for ev in evals):
+        return []
+    lines = ["R2ET minus each baseline in ER P@k, run by run (this run first):", "",
+             "| Baseline | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | mean | min | max |",
+             "|---|" + "---|" * (len(runs) + 3)]
+    for base in ORDER_BASELINES:
+        diffs = [_pk(ev["r2et"], "er")["mean"] - _pk(ev[base], "er")["mean"] for ev in evals if base in ev]
+        if len(diffs) != len(evals):
+            continue
+        lines.append(f"| {METHOD_NAMES[base]} | " + " | ".join(f"{d:+.3f}" for d in diffs)
+                     + f" | {sum(diffs) / len(diffs):+.3f} | {min(diffs):+.3f} | {max(diffs):+.3f} |")
+    return lines + [""]
 
 
 def timing_table(task: dict) -> list[str]:

@@ -174,3 +174,26 @@ def test_balanced_order_prefixes_are_balanced():
     assert len(order) == len(set(order)) == 12
     assert sorted(targets[i] for i in order[:9]) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert balanced_order(targets, 12) == order  # seeded
+
+
+def _fake_run(seed: int, pks: dict[str, float]) -> dict:
+    """A results JSON reduced to what the rerun comparison reads: ER/MSE P@k, accuracy, thickness."""
+    ev = {m: {"test_acc": 0.5, "er": {"p_at_k": {"mean": v, "se": 0.01}}, "mse": {"p_at_k": {"mean": v, "se": 0.01}},
+              "thickness": {"mean": 0.98}} for m, v in pks.items()}
+    return {"seed": seed, "hardware": {"threads": 2, "torch": "x"}, "json_path": f"run{seed}.json",
+            "tasks": {"cifar": {"eval": ev}}}
+
+
+def test_rerun_comparison_reports_the_ordering_run_by_run():
+    from benchmarks.reproduce.report import compare_section
+
+    this = _fake_run(0, {"vanilla": 0.30, "sp": 0.40, "est_h": 0.38, "wd": 0.31, "r2et": 0.45})
+    other = _fake_run(1, {"vanilla": 0.35, "sp": 0.47, "est_h": 0.40, "wd": 0.33, "r2et": 0.44})
+    other["_source"] = "moved/run1.json"
+    lines = compare_section(this, [other])
+    text = "\n".join(lines)
+    assert "seed 1, 2 torch thread(s), torch x, `moved/run1.json`" in text
+    assert "Largest difference over methods: test acc 0.000, ER P@k 0.070" in text
+    row = next(line for line in lines if line.startswith("| SP |") and "+" in line)
+    # R2ET - SP: +0.05 in this run, -0.03 in the other; mean +0.01, min -0.03, max +0.05
+    assert row == "| SP | +0.050 | -0.030 | +0.010 | -0.030 | +0.050 |"
