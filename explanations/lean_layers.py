@@ -1,4 +1,4 @@
-"""Softplus and max pooling whose double-backprop graph holds fewer tensors.
+"""Softplus, max pooling and convolution whose double-backprop graph is cheaper.
 
 A double-backprop objective keeps the graph of an input gradient g(x) alive until its final
 ``backward``; each layer's first backward saves what its own backward (the double backward) needs.
@@ -126,17 +126,98 @@ class LeanMaxPool2d(nn.MaxPool2d):
         return _MaxPool.apply(x, self.kernel_size, stride, self.padding, self.dilation, self.ceil_mode)
 
 
+def _conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, args: tuple, mask: list[bool], bias: bool = False):
+    """aten.convolution_backward for y = conv2d(inp, weight): (d inp, d weight, d bias) per ``mask``."""
+    stride, padding, dilation, groups = args
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, [weight.shape[0]] if bias else None, stride, padding, dilation,
+        False, [0, 0], groups, mask,
+    )
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """forward: gx = d conv2d(x, W) / dx applied to gy (a transposed convolution), linear in gy
+    and in W; backward: d/dgy = conv2d(v, W), d/dW = the weight gradient of conv2d(v, .) at gy,
+    each one native kernel (PyTorch's double backward builds the weight term from a convolution
+    over transposed, copied tensors)."""
+
+    @staticmethod
+    def forward(ctx, grad_out: Tensor, weight: Tensor, inp: Tensor, args: tuple) -> Tensor:
+        ctx.save_for_backward(grad_out, weight)
+        ctx.args = args
+        return _conv_backward(grad_out, inp, weight, args, [True, False, False])[0]
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        grad_out, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        need_gy, need_w = ctx.needs_input_grad[:2]
+        d_gy = F.conv2d(v, weight, None, stride, padding, dilation, groups) if need_gy else None
+        d_w = _conv_backward(grad_out, v, weight, ctx.args, [False, True, False])[1] if need_w else None
+        return d_gy, d_w, None, None
+
+
+def _used(param: Tensor) -> bool:
+    """Whether the running backward pass will deliver a gradient to ``param`` (True if unsure)."""
+    try:
+        node = param.grad_fn if param.grad_fn is not None else param.view_as(param).grad_fn.next_functions[0][0]
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError, TypeError):
+        return True
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.args, ctx.has_bias, ctx.bias = args, bias is not None, bias
+        return F.conv2d(x, weight, bias, *args)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        if not torch.is_grad_enabled():  # plain backward: one fused kernel call
+            gx, gw, gb = _conv_backward(grad_out, x, weight, ctx.args, [need_x, need_w, need_b], ctx.has_bias)
+            return gx, gw, gb, None
+        # create_graph: each gradient is differentiable (the input one through _ConvInputGrad).
+        # An input gradient autograd.grad(..., inputs=x) does not need the parameters' gradients:
+        # skip them when the engine will not use them (needs_input_grad only says they could be).
+        gx = _ConvInputGrad.apply(grad_out, weight, x, ctx.args) if need_x else None
+        gw = _conv_backward(grad_out, x, weight, ctx.args, [False, True, False])[1] if need_w and _used(weight) else None
+        gb = grad_out.sum((0, 2, 3)) if need_b and _used(ctx.bias) else None
+        return gx, gw, gb, None
+
+
+class LeanConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose input gradient has a two-kernel double backward (see ``_ConvInputGrad``).
+
+    Falls back to ``nn.Conv2d`` for string padding, a non-zero padding mode, autocast and no-grad
+    calls.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            isinstance(self.padding, str) or self.padding_mode != "zeros" or x.dim() != 4
+            or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+            or not (x.requires_grad or self.weight.requires_grad)
+        ):
+            return super().forward(x)
+        args = (tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups)
+        return _Conv.apply(x, self.weight, self.bias, args)
+
+
 def use_lean_layers(model: nn.Module) -> int:
-    """Turn every exact ``nn.Softplus`` / ``nn.MaxPool2d`` of ``model`` into its lean version in place.
+    """Turn every exact ``nn.Softplus`` / ``nn.MaxPool2d`` / ``nn.Conv2d`` of ``model`` into its
+    lean version in place.
 
     Returns how many modules were converted (subclasses are left alone: their forward may differ).
     """
+    lean = {nn.Softplus: LeanSoftplus, nn.MaxPool2d: LeanMaxPool2d, nn.Conv2d: LeanConv2d}
     count = 0
     for module in model.modules():
-        if type(module) is nn.Softplus:
-            module.__class__ = LeanSoftplus
-            count += 1
-        elif type(module) is nn.MaxPool2d:
-            module.__class__ = LeanMaxPool2d
+        if type(module) in lean:
+            module.__class__ = lean[type(module)]
             count += 1
     return count

@@ -5,7 +5,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from explanations import build_objective
 from explanations.fast_batchnorm import use_fast_batchnorm
-from explanations.lean_layers import LeanMaxPool2d, LeanSoftplus, _MaxPool, _Softplus, use_lean_layers
+from explanations.lean_layers import LeanConv2d, LeanMaxPool2d, LeanSoftplus, _Conv, _MaxPool, _Softplus, use_lean_layers
 
 
 def make_net(dtype=torch.float64):
@@ -26,7 +26,8 @@ def batch(dtype=torch.float64):
 def test_conversion_is_in_place_and_keeps_the_state_dict():
     net = make_net()
     keys = list(net.state_dict())
-    assert use_lean_layers(net) == 4
+    assert use_lean_layers(net) == 6
+    assert isinstance(net[0], LeanConv2d) and isinstance(net[0], nn.Conv2d)
     assert isinstance(net[2], LeanSoftplus) and isinstance(net[2], nn.Softplus)
     assert isinstance(net[3], LeanMaxPool2d) and net[7].padding == 1
     assert list(net.state_dict()) == keys
@@ -112,3 +113,40 @@ def test_third_derivative_is_refused_clearly():
     torch.autograd.grad(g.pow(2).sum(), x, retain_graph=True)  # second order: fine
     with pytest.raises(RuntimeError, match="lean_layers: false"):  # a graph for a third: refused
         torch.autograd.grad(g.pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("conv_kwargs", [
+    dict(padding=1), dict(stride=2, padding=1, bias=False), dict(groups=2, dilation=2, padding=2),
+])
+def test_lean_convolution_matches_pytorch_to_second_order(conv_kwargs):
+    torch.manual_seed(3)
+    ref = nn.Conv2d(4, 6, 3, **conv_kwargs).double()
+    lean = nn.Conv2d(4, 6, 3, **conv_kwargs).double()
+    lean.load_state_dict(ref.state_dict())
+    use_lean_layers(lean)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(ref(x))
+
+    def second_order(conv):
+        # the R2ET pattern: an input gradient with a graph, a loss on it, one backward to everything
+        (g,) = torch.autograd.grad((conv(x) * v).sum(), x, create_graph=True)
+        return torch.autograd.grad((g.sin() * x).sum() + conv(x).pow(2).mean(), [x, *conv.parameters()])
+
+    for a, b in zip(second_order(lean), second_order(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    args = (tuple(lean.stride), tuple(lean.padding), tuple(lean.dilation), lean.groups)
+    w = lean.weight.detach().clone().requires_grad_(True)
+    fn = lambda t, w: _Conv.apply(t, w, None, args)  # noqa: E731
+    assert gradcheck(fn, (x, w)) and gradgradcheck(fn, (x, w))
+
+
+def test_lean_convolution_falls_back_under_autocast_and_no_grad():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    use_lean_layers(conv)
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16 and "_Conv" not in type(out.grad_fn).__name__
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+    assert "_Conv" in type(conv(x).grad_fn).__name__
