@@ -153,7 +153,8 @@ class _ConvInputGrad(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.args
         need_gy, need_w = ctx.needs_input_grad[:2]
         d_gy = F.conv2d(v, weight, None, stride, padding, dilation, groups) if need_gy else None
-        d_w = _conv_backward(grad_out, v, weight, ctx.args, [False, True, False])[1] if need_w else None
+        # an attack differentiates through the input gradient w.r.t. the input only: no d/dW then
+        d_w = _conv_backward(grad_out, v, weight, ctx.args, [False, True, False])[1] if need_w and _used(weight) else None
         return d_gy, d_w, None, None
 
 
