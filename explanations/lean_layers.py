@@ -135,6 +135,15 @@ def _conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, args: tuple, m
     )
 
 
+def _used(param: Tensor) -> bool:
+    """Whether the running backward pass will deliver a gradient to ``param`` (True if unsure)."""
+    try:
+        node = param.grad_fn if param.grad_fn is not None else param.view_as(param).grad_fn.next_functions[0][0]
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError, TypeError):
+        return True
+
+
 class _ConvInputGrad(torch.autograd.Function):
     """forward: gx = d conv2d(x, W) / dx applied to gy (a transposed convolution), linear in gy
     and in W; backward: d/dgy = conv2d(v, W), d/dW = the weight gradient of conv2d(v, .) at gy,
@@ -158,29 +167,21 @@ class _ConvInputGrad(torch.autograd.Function):
         return d_gy, d_w, None, None
 
 
-def _used(param: Tensor) -> bool:
-    """Whether the running backward pass will deliver a gradient to ``param`` (True if unsure)."""
-    try:
-        node = param.grad_fn if param.grad_fn is not None else param.view_as(param).grad_fn.next_functions[0][0]
-        return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError, TypeError):
-        return True
-
-
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.args, ctx.has_bias, ctx.bias = args, bias is not None, bias
+        ctx.args, ctx.bias = args, bias  # a parameter (or None): no copy, no cycle
         return F.conv2d(x, weight, bias, *args)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
+        has_bias = ctx.bias is not None
+        need_b = need_b and has_bias
         if not torch.is_grad_enabled():  # plain backward: one fused kernel call
-            gx, gw, gb = _conv_backward(grad_out, x, weight, ctx.args, [need_x, need_w, need_b], ctx.has_bias)
+            gx, gw, gb = _conv_backward(grad_out, x, weight, ctx.args, [need_x, need_w, need_b], has_bias)
             return gx, gw, gb, None
         # create_graph: each gradient is differentiable (the input one through _ConvInputGrad).
         # An input gradient autograd.grad(..., inputs=x) does not need the parameters' gradients:

@@ -201,9 +201,9 @@ def group_pse(
         with eval_mode(model), torch.no_grad():
             clean_logits = model(x)
     logits = group_logits(model, x, delta, group_size, chunk_size)
-    masks = group_masks(x.shape[-2], x.shape[-1], group_size, x.device)  # (G, H, W)
-    moved = (delta.detach() != 0).any(1)  # (B, H, W): pixels the perturbation touches
-    touched = (moved[:, None] & masks[None]).flatten(2).any(2)  # (B, G)
+    index, count = group_index_map(x.shape[-2], x.shape[-1], group_size, x.device)  # (H, W)
+    moved = (delta.detach() != 0).any(1).flatten(1).int()  # (B, H*W): pixels the perturbation touches
+    touched = moved.new_zeros(moved.shape[0], count).index_add_(1, index.flatten(), moved) > 0  # (B, G)
     logits = torch.where(touched[..., None], logits, clean_logits[:, None].to(logits.dtype))
     return pse_from_logits(clean_logits, logits, labels, targets, cutoffs)
 
