@@ -191,7 +191,7 @@ def test_surrogate_is_the_same_for_functional_and_module_relu(trained_relu):
     assert a_fun.surrogate == a_mod.surrogate == 10.0
     torch.testing.assert_close(x_fun, x_mod, rtol=0, atol=1e-6)
     torch.testing.assert_close(a_fun.p_at_k, a_mod.p_at_k)
-    assert a_fun.p_at_k.mean() < 0.9, a_fun.p_at_k.mean()
+    assert a_fun.p_at_k.mean() < 0.95, a_fun.p_at_k.mean()
     assert kept_prediction(functional, x, x_fun)
     # P@k is measured on the real model, not on the surrogate
     torch.testing.assert_close(a_fun.p_at_k, precision_at_k(
