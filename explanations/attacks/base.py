@@ -63,7 +63,7 @@ from explanations.activations import SoftplusMode, check_beta, resolve_surrogate
 from explanations.attacks.schedule import ALPHA, RHO, apgd_checkpoints
 from explanations.explainers import Explanation, check_method, eval_mode, explain_with_logits
 from explanations.pgd import project, uniform_in_ball
-from explanations.ranking_metrics import precision_at_k
+from explanations.ranking_metrics import metric_dtype, precision_at_k
 from explanations.regularizers import check_pair_set, default_minmax_m
 from explanations.saliency import check_target, num_features, resolve_k
 
@@ -290,7 +290,7 @@ class RankingAttack:
                 obj0, g0 = gradient(xa0, clean)
             else:
                 obj0, _, _, g0 = evaluate(x0)
-            p0 = torch.ones(x0.shape[0], dtype=torch.float32, device=x0.device)
+            p0 = torch.ones(x0.shape[0], dtype=metric_dtype(s_clean), device=x0.device)
             best_x, best_p, best_obj = x0.clone(), p0.clone(), obj0.clone()
             b = x0.shape[0]
             undone = torch.zeros(b, dtype=torch.long, device=x0.device)
