@@ -31,6 +31,7 @@ mid-epoch resume. Iterable datasets are not skipped (nothing to index).
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -52,7 +53,12 @@ def mix_seed(seed: int, *streams: int) -> int:
 
 
 def draw_seed() -> int:
-    """A seed drawn from the global torch RNG (so ``seed_everything`` fixes it)."""
+    """A sampler seed fixed by ``seed_everything``: derived from its seed (``PL_GLOBAL_SEED``)
+    where set, so it does not depend on how much of the global RNG the launch consumed (which
+    differs between world sizes); else drawn from the global torch RNG."""
+    global_seed = os.environ.get("PL_GLOBAL_SEED")
+    if global_seed is not None:
+        return mix_seed(int(global_seed), 0x5EED)
     return int(torch.empty((), dtype=torch.int64).random_().item()) & 0x7FFFFFFFFFFFFFFF
 
 
@@ -74,8 +80,8 @@ class SeededRandomSampler(DistributedSampler):
     when ``W`` does not divide ``N``). It is a ``DistributedSampler`` so that Lightning keeps it
     under DDP instead of swapping in its own (whose order depends on the world size).
 
-    ``seed=None`` draws the seed once from the global torch RNG at construction (so
-    ``seed_everything`` makes it reproducible); under DDP rank 0's seed is broadcast at the first
+    ``seed=None`` takes the seed from :func:`draw_seed` at construction (so ``seed_everything``
+    fixes it, the same for every world size); under DDP rank 0's seed is broadcast at the first
     pass (ranks of a torchrun job may be seeded differently); a resumed run gets it back from the
     checkpoint. ``num_replicas`` / ``rank`` default to the process group at iteration time.
     """
