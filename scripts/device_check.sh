@@ -178,6 +178,7 @@ trainer:
   enable_progress_bar: false
   enable_checkpointing: false
   logger: false
+  default_root_dir: '$OUT/ddp_$n'
   callbacks: [{class_path: benchmarks.ddp_throughput.StepTimer, init_args: {out: '$OUT/ddp_$n.json', warmup: $WARM}}]
 model: {backbone: resnet9, backbone_kwargs: {width: $DDP_WIDTH}, num_classes: 10, activation: softplus, objective: r2et, k: 16}
 data:

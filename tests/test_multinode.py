@@ -23,66 +23,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.distributed.helpers import child_env, torchrun_nodes, train_py, wait_all
+from tests.distributed.helpers import GLOBAL_BATCH, STEPS, r2et_config, torchrun_nodes, train_py, wait_all
 
 pytestmark = pytest.mark.slow
 
-GLOBAL_BATCH, STEPS = 8, 4
 TIMEOUT = 420
-
-
-def write_config(tmp: Path, world: int, name: str, batch_size: int | None = None) -> Path:
-    callbacks = [
-        {"class_path": "tests.distributed.helpers.StripBatchNorm"},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": False}},
-        {"class_path": "callbacks.RankingRobustness",
-         "init_args": {"num_samples": 8, "batch_size": 4, "steps": 2, "attacks": ["er"], "thickness": False,
-                       "localization": False, "log_images": False, "noise_baseline": True}},
-        {"class_path": "callbacks.PSEAnalysis",
-         "init_args": {"num_samples": 8, "batch_size": 4, "steps": 2, "only_correct": False, "group_size": 8,
-                       "log_table": False, "log_chart": False}},
-    ]
-    nodes = 2 if world == 4 else 1
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": world // nodes, "num_nodes": nodes,
-            "strategy": "ddp" if world > 1 else "auto", "max_epochs": 1, "inference_mode": False,
-            "num_sanity_val_steps": 0, "log_every_n_steps": 1, "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": [
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": "csv"}},
-                {"class_path": "lightning_modules.loggers.RobustWandbLogger",
-                 "init_args": {"project": "multinode-test", "save_dir": "logs"}},
-            ],
-            "callbacks": callbacks,
-        },
-        "model": {
-            "backbone": "resnet9", "backbone_kwargs": {"width": 4}, "num_classes": 3,
-            "activation": "softplus", "softplus_beta": 2.0, "objective": "r2et", "k": 16, "adaptive": True,
-            "weight": 0.1, "h": 1e-2,  # h = 1e-2: see tests/test_ddp.py (fp32 summation order / h)
-            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.02}},
-        },
-        "data": {
-            "class_path": "datamodules.SyntheticDataModule",
-            "init_args": {"num_classes": 3, "image_size": 16, "pattern_size": 4, "train_size": GLOBAL_BATCH * STEPS,
-                          "val_size": 8, "test_size": 4,
-                          "batch_size": batch_size or GLOBAL_BATCH // world},
-        },
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def launch(tmp: Path, world: int, name: str, ckpt: Path | None = None, batch_size: int | None = None) -> Path:
     """Run train.py fit on ``world`` processes in ``tmp/name``; returns that folder."""
     run_dir = tmp / name
     run_dir.mkdir()
-    args = ["fit", "-c", str(write_config(tmp, world, name, batch_size))]
+    args = ["fit", "-c", str(r2et_config(tmp, world, name, batch_size))]
     if ckpt is not None:
         args += ["--ckpt_path", str(ckpt)]
     # world 4: two torchrun agents (nodes); world 2: Lightning's own launcher starts the second process
@@ -179,3 +132,19 @@ def test_resume_with_another_global_batch_warns(runs):
     out = (resumed / "output.txt").read_text()
     assert "global batch batch_size 6 x 1 processes = 6 but the checkpoint was written with batch_size 2 x 4 " \
            "processes = 8; the epoch continues at global sample 12 of the same order (4 samples" in " ".join(out.split())
+
+
+def test_a_failure_in_one_rank_ends_a_two_node_run_with_its_message(tmp_path):
+    """Rank 1 (node 0) raises at step 1: both torchrun agents exit non-zero, promptly, with the message."""
+    import time
+
+    from tests.distributed.helpers import FailOnRank, child_env  # noqa: F401  (the callback the config names)
+
+    extra = ({"class_path": "tests.distributed.helpers.FailOnRank", "init_args": {"step": 1}},)
+    config = r2et_config(tmp_path, 4, "fail", evaluation=False, extra_callbacks=extra)
+    start = time.monotonic()
+    results = wait_all(torchrun_nodes(["fit", "-c", str(config)], tmp_path, env=child_env(FAIL_ON_RANK="1")), timeout=240)
+    took = time.monotonic() - start
+    assert all(code != 0 for code, _ in results), [out[-2000:] for _, out in results]
+    assert "injected failure in global rank 1 at step 1" in results[0][1]
+    assert took < 240

@@ -4,6 +4,7 @@
 - :func:`torchrun_nodes`: start ``nodes`` torchrun agents on this machine, each acting as one node
   (``--nnodes N --node_rank i --nproc_per_node P``, static rendezvous on 127.0.0.1), running
   ``train.py`` with the given arguments; returns the finished processes' outputs.
+- :func:`r2et_config`: the tiny R2ET run config of tests/test_multinode.py and tests/test_ddp.py.
 - :class:`StripBatchNorm`: replaces every BatchNorm by Identity at ``setup`` (before DDP wraps the
   model): per-rank batch statistics would differ from the global ones, so runs of different world
   sizes could not be compared.
@@ -22,9 +23,11 @@ import time
 from pathlib import Path
 
 import lightning as L
+import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
+GLOBAL_BATCH, STEPS = 8, 4
 
 
 def free_port() -> int:
@@ -75,6 +78,55 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
                 proc.kill()
                 proc.communicate()
     return results
+
+
+def r2et_config(tmp: Path, world: int, name: str, batch_size: int | None = None, nodes: int | None = None,
+                evaluation: bool = True, extra_callbacks: tuple[dict, ...] = ()) -> Path:
+    """``tmp/name.yaml``: tiny BatchNorm-free R2ET run on ``world`` processes (``nodes`` nodes,
+    default 2 for world 4), global batch GLOBAL_BATCH, STEPS steps, a checkpoint every 2 steps,
+    CSV + offline W&B loggers and, with ``evaluation``, RankingRobustness and PSEAnalysis."""
+    callbacks = [
+        {"class_path": "tests.distributed.helpers.StripBatchNorm"},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": False}},
+        {"class_path": "callbacks.RankingRobustness",
+         "init_args": {"num_samples": 8, "batch_size": 4, "steps": 2, "attacks": ["er"], "thickness": False,
+                       "localization": False, "log_images": False, "noise_baseline": True}},
+        {"class_path": "callbacks.PSEAnalysis",
+         "init_args": {"num_samples": 8, "batch_size": 4, "steps": 2, "only_correct": False, "group_size": 8,
+                       "log_table": False, "log_chart": False}},
+    ][: None if evaluation else 2] + list(extra_callbacks)
+    nodes = nodes or (2 if world == 4 else 1)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": world // nodes, "num_nodes": nodes,
+            "strategy": "ddp" if world > 1 else "auto", "max_epochs": 1, "inference_mode": False,
+            "num_sanity_val_steps": 0, "log_every_n_steps": 1, "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": [
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": "csv"}},
+                {"class_path": "lightning_modules.loggers.RobustWandbLogger",
+                 "init_args": {"project": "multinode-test", "save_dir": "logs"}},
+            ],
+            "callbacks": callbacks,
+        },
+        "model": {
+            "backbone": "resnet9", "backbone_kwargs": {"width": 4}, "num_classes": 3,
+            "activation": "softplus", "softplus_beta": 2.0, "objective": "r2et", "k": 16, "adaptive": True,
+            "weight": 0.1, "h": 1e-2,  # h = 1e-2: see tests/test_ddp.py (fp32 summation order / h)
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.02}},
+        },
+        "data": {
+            "class_path": "datamodules.SyntheticDataModule",
+            "init_args": {"num_classes": 3, "image_size": 16, "pattern_size": 4, "train_size": GLOBAL_BATCH * STEPS,
+                          "val_size": 8, "test_size": 4,
+                          "batch_size": batch_size or GLOBAL_BATCH // world},
+        },
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 class StripBatchNorm(L.Callback):
