@@ -98,7 +98,9 @@ skip_step() {
 }
 
 # ---- 1. gpu-marked tests ---------------------------------------------------------------------
-run_step gpu_tests 130 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ --junitxml="$OUT/gpu_tests.xml"
+# (dry run: only the files that hold them, to save the collection of the whole suite; they skip on CPU)
+if [[ $DRY -eq 1 ]]; then GPU_TESTS=(tests/test_gpu.py tests/test_gpu_layers.py); else GPU_TESTS=(tests/); fi
+run_step gpu_tests 130 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}" --junitxml="$OUT/gpu_tests.xml"
 
 # ---- 2. step cost on the device --------------------------------------------------------------
 if [[ $DRY -eq 1 ]]; then
