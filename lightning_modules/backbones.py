@@ -5,8 +5,9 @@ Conventions (DESIGN §3): the returned model takes images in [0, 1] of shape (B,
 returns logits of shape (B, num_classes); mean/std normalization is its first layer. Fused
 scaled-dot-product attention is switched off so that double backprop works.
 
-Importing this module registers ``resnet9`` in timm's model registry, so
-``timm.create_model("resnet9", num_classes=10)`` works afterwards.
+Importing this module registers ``resnet9`` (and, from ``cifar_resnet``, the CIFAR ResNets
+``resnet20/32/44/56/110``) in timm's model registry, so ``timm.create_model("resnet9",
+num_classes=10)`` works afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from lightning_modules import cifar_resnet  # noqa: F401  (registers resnet20/32/44/56/110)
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -488,6 +491,8 @@ def load_backbone_weights(model: nn.Module, weights_file: str | Path, name: str 
     if not path.is_file():
         raise FileNotFoundError(f"weights_file not found: {str(path)!r}")
     raw = _read_weights_file(path)
+    if callable(getattr(model, "checkpoint_filter_fn", None)):  # e.g. published CIFAR ResNet files
+        raw = model.checkpoint_filter_fn(raw, model)
 
     target = model.state_dict()
     model_keys = set(target)
