@@ -647,8 +647,40 @@ def _resolve_stats(
     return (avg,) * in_chans
 
 
+def _check_module_backbone(model: nn.Module, num_classes: int, in_chans: int, pretrained: bool,
+                           timm_kwargs: Mapping[str, Any]) -> str:
+    """Refuse settings a user ``nn.Module`` cannot honour; returns its name for messages."""
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    if pretrained:
+        raise ValueError(
+            f"pretrained=True needs a timm model name; backbone {name} is an nn.Module: load its "
+            "weights with weights_file=<local state dict> instead"
+        )
+    if timm_kwargs:
+        raise ValueError(
+            f"backbone_kwargs {sorted(timm_kwargs)} are timm.create_model arguments and cannot apply "
+            f"to the nn.Module backbone {name}; pass them to its constructor (init_args)"
+        )
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if not isinstance(head, nn.Linear):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is not None and head.out_features != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} but the nn.Module backbone {name} ends in a Linear with "
+            f"{head.out_features} outputs; build it with {num_classes} outputs or set num_classes"
+        )
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs and convs[0].in_channels != in_chans:
+        raise ValueError(
+            f"in_chans={in_chans} but the first Conv2d of the nn.Module backbone {name} takes "
+            f"{convs[0].in_channels} channels"
+        )
+    return name
+
+
 def build_backbone(
-    name: str,
+    name: str | nn.Module,
     num_classes: int = 10,
     in_chans: int = 3,
     pretrained: bool = False,
@@ -660,17 +692,24 @@ def build_backbone(
     std: Sequence[float] | None = None,
     **timm_kwargs: Any,
 ) -> NormalizedClassifier:
-    """Build ``timm.create_model(name, ...)`` wrapped as a :class:`NormalizedClassifier`.
+    """Build ``timm.create_model(name, ...)`` (or take the ``nn.Module`` ``name``) wrapped as a
+    :class:`NormalizedClassifier`.
 
     The result maps images (B, in_chans, H, W) in [0, 1] to logits (B, num_classes).
-    ``name``: any timm model name or ``"resnet9"``. ``pretrained``: timm hub weights;
-    ``weights_file``: local state dict loaded after building (a classifier of another size is
-    re-initialised). ``activation="softplus"`` swaps ReLU-type activations for
-    ``Softplus(softplus_beta)``. ``cifar_stem`` replaces a ResNet's 7x7/stride-2 conv1 + maxpool
-    by a 3x3/stride-1 conv (fresh weights). ``mean``/``std`` (length ``in_chans``) default to the
-    model's ``pretrained_cfg``. Fused attention is disabled so double backprop works.
+    ``name``: any timm model name (``"resnet9"``, the CIFAR ``"resnet20"``, ...) or an
+    ``nn.Module`` mapping normalised images (B, in_chans, H, W) to logits (B, num_classes), used
+    as is (modified in place by ``activation="softplus"`` and ``weights_file``).
+    ``pretrained``: timm hub weights (timm names only); ``weights_file``: local state dict
+    loaded after building (a classifier of another size is re-initialised).
+    ``activation="softplus"`` swaps ReLU-type activations for ``Softplus(softplus_beta)``.
+    ``cifar_stem`` replaces a ResNet's 7x7/stride-2 conv1 + maxpool by a 3x3/stride-1 conv (fresh
+    weights). ``mean``/``std`` (length ``in_chans``) default to the model's ``pretrained_cfg``;
+    for an ``nn.Module`` without one, to mean 0 / std 1 (no normalization). Fused attention is
+    disabled so double backprop works.
     """
-    _check_name(name)
+    module_backbone = isinstance(name, nn.Module)
+    if not module_backbone:
+        _check_name(name)
     act = activation.lower() if isinstance(activation, str) else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -682,6 +721,11 @@ def build_backbone(
     for what, value in (("mean", mean), ("std", std)):
         if value is not None:
             _resolve_stats(value, None, in_chans, what)
+    if module_backbone:
+        model = name
+        name = _check_module_backbone(model, num_classes, in_chans, pretrained, timm_kwargs)
+        return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std,
+                                identity_stats=True)
     if pretrained and weights_file is not None:
         warnings.warn(
             "Both pretrained=True and weights_file given: the weights_file overrides hub weights.",
@@ -705,6 +749,15 @@ def build_backbone(
             f"from {name!r}) with pretrained=False instead."
         ) from exc
 
+    return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std)
+
+
+def _finish_backbone(
+    model: nn.Module, name: str, in_chans: int, weights_file: str | None, act: str, beta: float,
+    cifar_stem: bool, mean: Sequence[float] | None, std: Sequence[float] | None,
+    identity_stats: bool = False,
+) -> NormalizedClassifier:
+    """Stem, weights, activation swap and normalization for a built (timm or user) model."""
     if cifar_stem:
         _apply_cifar_stem(model, name)
     if weights_file is not None:
@@ -722,6 +775,8 @@ def build_backbone(
     disable_fused_attention(model)
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    if identity_stats and not (cfg.get("mean") and cfg.get("std")):
+        cfg = {"mean": (0.0,) * in_chans, "std": (1.0,) * in_chans}
     mean_t = _resolve_stats(mean, cfg.get("mean"), in_chans, "mean")
     std_t = _resolve_stats(std, cfg.get("std"), in_chans, "std")
     file_stats = getattr(model, "_file_normalization", None)
