@@ -13,20 +13,17 @@ num_classes=10)`` works afterwards.
 from __future__ import annotations
 
 import difflib
-import functools
-import inspect
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from explanations.activations import check_beta, example_input, swap_activations
 from lightning_modules import cifar_resnet  # noqa: F401  (registers resnet20/32/44/56/110)
 
 __all__ = [
@@ -37,51 +34,13 @@ __all__ = [
     "ResNet9",
     "build_backbone",
     "disable_fused_attention",
-    "find_relu_activations",
     "load_backbone_weights",
-    "replace_activations",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 ACTIVATIONS = ("relu", "softplus")
-
-# Module types treated as "ReLU-type" (piecewise linear / kinked) and swapped for Softplus.
-# timm's PReLU subclasses nn.PReLU, nn.ReLU6 subclasses nn.Hardtanh (Hardtanh itself is left alone).
-RELU_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-)
-
-# Functions treated as ReLU-type when a module stores them as an attribute (e.g. timm's
-# ``GammaAct.act_fn`` from ``get_act_fn('relu')``).
-_RELU_FUNCTIONS: tuple[Callable, ...] = (
-    F.relu,
-    F.relu_,
-    F.relu6,
-    F.leaky_relu,
-    F.leaky_relu_,
-    F.elu,
-    F.elu_,
-    F.celu,
-    F.rrelu,
-    F.prelu,
-    torch.relu,
-    torch.relu_,
-)
-
-# Source patterns of ReLU calls made directly in a module's code (these cannot be swapped).
-_FUNCTIONAL_RELU_RE = re.compile(
-    r"\b(?:F|torch|functional|nn\.functional)\.(?:relu6?_?|leaky_relu_?|elu_?|celu|rrelu)\s*\("
-    r"|\.relu_?\(\s*\)"
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Normalization wrapper
@@ -281,99 +240,6 @@ def resnet9(pretrained: bool = False, **kwargs: Any) -> ResNet9:
             "weights_file=<local file> to build_backbone to load your own weights."
         )
     return build_model_with_cfg(ResNet9, "resnet9", pretrained=False, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Activation swap
-# --------------------------------------------------------------------------------------------
-
-
-class _SoftplusFn:
-    """Drop-in for a functional ReLU attribute: ``fn(x, *args, inplace=..., **kw)`` -> softplus."""
-
-    def __init__(self, beta: float) -> None:
-        self.beta = beta
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return F.softplus(x, beta=self.beta)
-
-    def __repr__(self) -> str:
-        return f"softplus(beta={self.beta})"
-
-
-def _is_relu_function(obj: Any) -> bool:
-    if isinstance(obj, functools.partial):
-        obj = obj.func
-    return any(obj is f for f in _RELU_FUNCTIONS)
-
-
-def _check_beta(beta: float) -> float:
-    try:
-        beta_f = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"softplus_beta must be a positive number, got {beta!r}") from None
-    if not beta_f > 0 or beta_f == float("inf"):
-        raise ValueError(f"softplus_beta must be a positive finite number, got {beta!r}")
-    return beta_f
-
-
-def replace_activations(model: nn.Module, beta: float = 0.5) -> nn.Module:
-    """Replace every ReLU-type activation in ``model`` by ``nn.Softplus(beta)``, in place.
-
-    Covers activation modules (``nn.ReLU``, ``ReLU6``, ``LeakyReLU``, ``PReLU``, ``RReLU``,
-    ``ELU``, ``CELU``, including ``act`` inside timm's ``BatchNormAct2d`` and entries of
-    ``nn.Sequential``/``ModuleList``/``ModuleDict``; a module shared by several parents maps to
-    one shared Softplus) and ReLU functions stored as module attributes (e.g. timm's
-    ``act_fn``). ReLUs called directly in a module's ``forward`` cannot be swapped; see
-    :func:`find_relu_activations`. Returns ``model`` (or a Softplus if ``model`` itself is a ReLU).
-    """
-    beta = _check_beta(beta)
-    if isinstance(model, RELU_TYPES):
-        return nn.Softplus(beta=beta)
-    replaced: dict[int, nn.Module] = {}
-    for module in list(model.modules()):
-        for name, child in list(module._modules.items()):
-            if child is not None and isinstance(child, RELU_TYPES):
-                new = replaced.get(id(child))
-                if new is None:
-                    new = replaced[id(child)] = nn.Softplus(beta=beta)
-                setattr(module, name, new)
-        for name, value in list(vars(module).items()):
-            if not name.startswith("__") and _is_relu_function(value):
-                setattr(module, name, _SoftplusFn(beta))
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def _class_calls_functional_relu(cls: type) -> bool:
-    if cls.__module__.startswith("torch."):
-        return False
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return False
-    return bool(_FUNCTIONAL_RELU_RE.search(source))
-
-
-def find_relu_activations(model: nn.Module) -> list[str]:
-    """Names of ReLU-type activations left in ``model`` (empty list if none).
-
-    Reports ReLU-type modules (``"layer1.0.act1 (ReLU)"``), ReLU functions held as attributes
-    (``"stages.0.act.act_fn (function relu)"``) and modules whose class source calls a ReLU
-    directly (``"block (XceptionBlock calls relu in code)"``; a static check, may over-report).
-    """
-    found: list[str] = []
-    for name, module in model.named_modules():
-        where = name or "<root>"
-        if isinstance(module, RELU_TYPES):
-            found.append(f"{where} ({type(module).__name__})")
-            continue
-        for attr, value in vars(module).items():
-            if not attr.startswith("__") and _is_relu_function(value):
-                found.append(f"{where}.{attr} (function {getattr(value, '__name__', value)})")
-        if _class_calls_functional_relu(type(module)):
-            found.append(f"{where} ({type(module).__name__} calls relu in code)")
-    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,7 +579,7 @@ def build_backbone(
     act = activation.lower() if isinstance(activation, str) else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    beta = _check_beta(softplus_beta)
+    beta = check_beta(softplus_beta)
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
@@ -752,6 +618,16 @@ def build_backbone(
     return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std)
 
 
+def _example_input(model: nn.Module, in_chans: int) -> torch.Tensor | None:
+    """A tracing input (1, in_chans, H, W): H, W from a ViT-style ``patch_embed.img_size`` (timm
+    keeps the 224 px ``pretrained_cfg`` when built with another ``img_size``), else
+    :func:`explanations.activations.example_input`."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return torch.rand(1, in_chans, int(size[0]), int(size[1]), generator=torch.Generator().manual_seed(0))
+    return example_input(model, in_chans)
+
+
 def _finish_backbone(
     model: nn.Module, name: str, in_chans: int, weights_file: str | None, act: str, beta: float,
     cifar_stem: bool, mean: Sequence[float] | None, std: Sequence[float] | None,
@@ -762,16 +638,11 @@ def _finish_backbone(
         _apply_cifar_stem(model, name)
     if weights_file is not None:
         load_backbone_weights(model, weights_file, name=name)
-    if act == "softplus":
-        replace_activations(model, beta)
-        left = find_relu_activations(model)
-        if left:
-            warnings.warn(
-                f"activation='softplus': {name!r} still has ReLU-type activations that cannot be "
-                f"swapped (called directly in code): {_summarize(left, 5)}",
-                UserWarning,
-                stacklevel=2,
-            )
+    if act == "softplus":  # modules, function attributes and F.relu calls; refuses a no-op swap
+        try:
+            swap_activations(model, beta, example=_example_input(model, in_chans))
+        except ValueError as exc:
+            raise ValueError(f"backbone {name!r}: {exc}") from None
     disable_fused_attention(model)
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
