@@ -136,11 +136,18 @@ def _conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, args: tuple, m
 
 
 def _used(param: Tensor) -> bool:
-    """Whether the running backward pass will deliver a gradient to ``param`` (True if unsure)."""
+    """Whether the running backward pass will deliver a gradient to ``param``.
+
+    The node is the parameter's gradient edge (its AccumulateGrad for a leaf), found whatever the
+    grad mode (the double backward of an attack runs with grad mode off). ``autograd.grad(...,
+    inputs=x)`` executes only the nodes on the way to ``x``: False for the weights then.
+    """
+    if not param.requires_grad:
+        return False
+    node = torch.autograd.graph.get_gradient_edge(param).node
     try:
-        node = param.grad_fn if param.grad_fn is not None else param.view_as(param).grad_fn.next_functions[0][0]
         return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError, TypeError):
+    except RuntimeError:  # autograd.grad(..., inputs=[param]): a captured leaf, so it is wanted
         return True
 
 
@@ -181,6 +188,9 @@ class _Conv(torch.autograd.Function):
         has_bias = ctx.bias is not None
         need_b = need_b and has_bias
         if not torch.is_grad_enabled():  # plain backward: one fused kernel call
+            # (in an attack's double backward only the input gradient is wanted: no d/dW, d/db)
+            need_w = need_w and _used(weight)
+            need_b = need_b and _used(ctx.bias)
             gx, gw, gb = _conv_backward(grad_out, x, weight, ctx.args, [need_x, need_w, need_b], has_bias)
             return gx, gw, gb, None
         # create_graph: each gradient is differentiable (the input one through _ConvInputGrad).
