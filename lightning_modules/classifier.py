@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
+from explanations.precision import set_tf32, tf32_flags
 from lightning_modules.backbones import build_backbone
 from lightning_modules.reliability import (
     architecture_differences,
@@ -80,6 +81,8 @@ class RobustClassifier(L.LightningModule):
             and max pooling, whose double-backprop graph holds one activation less per layer
             (same results; about 20% less R2ET step memory), and its convolution, whose double
             backward uses native kernels (same results; ~8% less time per R2ET step on CPU).
+        allow_tf32: False (default): fit, validate, test and predict run with TF32 convolutions
+            and matmuls off on GPU (``explanations.precision.full_fp32``), flags restored after.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class RobustClassifier(L.LightningModule):
         compile: bool = False,
         fast_batchnorm: bool = True,
         lean_layers: bool = True,
+        allow_tf32: bool = False,
     ) -> None:
         super().__init__()
         module_backbone = isinstance(backbone, nn.Module)  # recorded by its config, not pickled
@@ -156,8 +160,39 @@ class RobustClassifier(L.LightningModule):
         """Logits (B, K) for images (B, C, H, W) in [0, 1]."""
         return self.model(x)
 
+    # ---------------------------------------------------------------- precision
+    def _enter_fp32(self) -> None:
+        if not self.hparams.get("allow_tf32", False):
+            self._tf32_stack = getattr(self, "_tf32_stack", [])
+            self._tf32_stack.append(tf32_flags())
+            set_tf32((False, False))
+
+    def _exit_fp32(self) -> None:
+        stack = getattr(self, "_tf32_stack", None)
+        if stack:
+            set_tf32(stack.pop())
+
+    def on_validation_start(self) -> None:
+        self._enter_fp32()
+
+    def on_validation_end(self) -> None:
+        self._exit_fp32()
+
+    def on_test_start(self) -> None:
+        self._enter_fp32()
+
+    def on_test_end(self) -> None:
+        self._exit_fp32()
+
+    def on_predict_start(self) -> None:
+        self._enter_fp32()
+
+    def on_predict_end(self) -> None:
+        self._exit_fp32()
+
     # ---------------------------------------------------------------- guards
     def on_fit_start(self) -> None:
+        self._enter_fp32()
         if not self.objective.double_backprop:
             return
         if self._trainer is not None:
@@ -182,6 +217,7 @@ class RobustClassifier(L.LightningModule):
         if saved is not None:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
             self._saved_tf32 = None
+        self._exit_fp32()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (``--ckpt_path``) a checkpoint of another architecture, listing what differs.

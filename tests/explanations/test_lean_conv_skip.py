@@ -60,3 +60,48 @@ def test_training_backward_still_computes_weight_gradients():
         _saliency_loss(net, x, y).backward()
     assert counter.weight_grads >= 2  # each conv's d/dW of the double backward
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_missing_private_op_falls_back_with_one_warning(monkeypatch):
+    import warnings
+
+    import explanations.lean_layers as lean
+
+    monkeypatch.delattr(torch._C, "_will_engine_execute_node")
+    assert lean.missing_private_ops() == ["torch._C._will_engine_execute_node"]
+    monkeypatch.setattr(lean, "UNAVAILABLE", "torch x lacks torch._C._will_engine_execute_node: ...")
+    monkeypatch.setattr(lean, "_warned", False)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lean.use_lean_layers(net) == 0
+        assert lean.use_lean_layers(net) == 0
+    assert [str(w.message) for w in caught] == ["lean_layers: torch x lacks torch._C._will_engine_execute_node: ..."]
+    assert type(net[0]) is nn.Conv2d
+
+
+def test_classifier_turns_tf32_off_for_evaluation():
+    import lightning as L
+
+    from lightning_modules.classifier import RobustClassifier
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_validation_batch_start(self, *args, **kwargs):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(2, 3, 8, 8), torch.tensor([0, 1])), batch_size=2)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        for allow, expected in ((False, (False, False)), (True, (True, True))):
+            module = RobustClassifier(backbone="resnet9", backbone_kwargs={"width": 2}, num_classes=3,
+                                      objective="vanilla", allow_tf32=allow)
+            trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                callbacks=[Probe()], inference_mode=False, enable_model_summary=False)
+            trainer.validate(module, data, verbose=False)
+            assert seen[-1] == expected
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
