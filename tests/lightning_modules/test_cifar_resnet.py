@@ -64,3 +64,14 @@ def test_published_file_of_another_depth_is_refused(tmp_path):
     _akamaster_file(timm.create_model("resnet32", width=8), path)
     with pytest.raises(ValueError, match="unexpected keys: layer1.3"):
         build_backbone("resnet20", weights_file=str(path), width=8)
+
+
+def test_timm_pretrained_path_uses_the_filter(tmp_path):
+    # timm's own pretrained loading (here from a local file instead of the default URL)
+    torch.manual_seed(0)
+    source = timm.create_model("resnet20", width=8)
+    path = tmp_path / "resnet20-akamaster.th"
+    _akamaster_file(source, path)
+    model = timm.create_model("resnet20", width=8, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for (k, a), (_, b) in zip(model.state_dict().items(), source.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
