@@ -16,10 +16,12 @@ elsewhere), ties broken by index. The perturbation energy of a pixel is
 e(i, j) = sum_c delta_c(i, j)^2; the share inside a region is sum_{region} e / sum e.
 
 The layer is a dotted module name (``"backbone.layer4"``; names are also tried under ``backbone.``)
-or a module. :func:`default_cam_layer` picks the final feature stage: the last entry of a timm
-model's ``feature_info`` (``layer4`` for timm ResNets, ``res2`` for the CIFAR ResNet-9,
-``stages.3`` for ConvNeXt), else the last ``Conv2d``. Token outputs (ViT blocks) are not maps:
-choose a layer with a (B, C, h, w) output for such models.
+or a module. :func:`default_cam_layer` traces one forward pass and picks the module whose output
+is the map the classifier head reads: the input of the last global pooling / spatial reduction /
+``flatten(1)`` of a (B, C, h, w) tensor (``layer4`` for timm ResNets, ``res2`` for the CIFAR
+ResNet-9, ``layer3`` for the CIFAR ResNet-20 -- not its last Conv2d, which precedes BN, the
+residual add and the ReLU). A map computed by a function call after the last submodule, or token
+outputs (ViT), have no such layer: an error says so. CAM refuses any other layer, naming both.
 
 Everything is batched; models run in eval mode (modes restored) and gradients are taken with
 ``torch.autograd.grad(..., inputs=)``, so parameter ``.grad`` is untouched.
@@ -28,12 +30,16 @@ Everything is batched; models run in eval mode (modes restored) and gradients ar
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
+from explanations.activations import example_input
 from explanations.explainers import eval_mode
 
 CAM_METHODS: tuple[str, ...] = ("gradcam", "cam")
@@ -52,28 +58,124 @@ def _base_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
     return model, ""
 
 
-def default_cam_layer(model: nn.Module) -> str:
-    """Name of the default CAM / unit layer: timm's last ``feature_info`` module, else the last Conv2d."""
+_REDUCTIONS = frozenset({"mean", "amax", "max", "sum", "logsumexp", "nanmean"})
+
+
+class _HeadInputMode(TorchFunctionMode):
+    """Records the last call that reads a (B, C, h, w) map into the head: a global pooling or
+    spatial reduction to B * C values, or a ``flatten(1)`` to (B, C h w)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: tuple[Tensor, str] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.dim() == 4 and isinstance(out, (Tensor, tuple)):
+            o = out[0] if isinstance(out, tuple) else out
+            name = getattr(func, "__name__", "")
+            if isinstance(o, Tensor) and o.dim() >= 1 and o.shape[0] == x.shape[0]:
+                batch, chans = x.shape[:2]
+                pooled = o.numel() == batch * chans and ("pool" in name or name in _REDUCTIONS)
+                flat = name == "flatten" and o.dim() == 2 and o.numel() == x.numel()
+                # a flatten / norm of an already pooled (B, C, 1, 1) map does not replace the pooling
+                after_pool = self.read is not None and x.shape[2] * x.shape[3] == 1
+                if (pooled or flat) and not after_pool:
+                    self.read = (x, f"{name} {tuple(x.shape)} -> {tuple(o.shape)}")
+        return out
+
+
+@dataclass
+class HeadInput:
+    """The map the classifier head reads: ``names`` of the modules that output it (a timm
+    ``feature_info`` stage first, then outermost first), its ``shape`` (1, C, h, w) and the ``op`` that reads it (``"adaptive_avg_pool2d
+    (1, 64, 8, 8) -> (1, 64, 1, 1)"``)."""
+
+    names: list[str]
+    shape: tuple[int, ...]
+    op: str
+
+
+def trace_head_input(model: nn.Module, example: Tensor) -> HeadInput:
+    """Trace ``model(example[:1])`` (eval mode, no grad, modes restored) and find the feature map
+    the head reads: the input of the last global pooling / spatial reduction / flatten(1) of a
+    (B, C, h, w) tensor, and the submodules whose output it is.
+
+    Raises:
+        ValueError: no such read (e.g. a ViT's tokens), or the map is computed by a function call
+            after the last submodule (e.g. ``F.relu`` in ``forward``): no layer holds it.
+    """
+    outputs: list[tuple[str, Tensor]] = []
+
+    def hook(name: str):
+        def record(_module, _inputs, output):
+            if isinstance(output, Tensor) and output.dim() == 4:
+                outputs.append((name, output))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    mode = _HeadInputMode()
+    try:
+        with eval_mode(model), torch.no_grad(), mode:
+            model(example[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    what = type(getattr(model, "backbone", model)).__name__
+    if mode.read is None:
+        raise ValueError(
+            f"no CAM layer found for {what}: its forward reads no (B, C, h, w) feature map through a "
+            "global pooling or flatten (a transformer's tokens are not a map); pass cam_layer "
+            "explicitly (a layer with a (B, C, h, w) output)"
+        )
+    tensor, op = mode.read
+    names = [n for n, out in outputs if out is tensor]
+    if not names:
+        producers = [f"{n} {tuple(out.shape)}" for n, out in outputs][-3:]
+        raise ValueError(
+            f"no CAM layer found for {what}: the map its head reads ({op}) is computed by a function "
+            f"call after its last submodule (the last map outputs: {producers}); compute it in a "
+            "submodule (e.g. nn.ReLU instead of F.relu) or pass cam_layer explicitly"
+        )
+    # a timm feature_info stage name first (``stages.3`` rather than ``stages``), else outermost
     base, prefix = _base_and_prefix(model)
     info = getattr(base, "feature_info", None)
-    if isinstance(info, (list, tuple)) and info and isinstance(info[-1], dict) and info[-1].get("module"):
-        name = str(info[-1]["module"])
-        with contextlib.suppress(AttributeError):
-            base.get_submodule(name)
-            return prefix + name
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(
-            f"no default CAM layer for {type(model).__name__}: it has no timm feature_info and no "
-            "Conv2d; pass the layer name explicitly"
-        )
-    return convs[-1]
+    stages = {prefix + str(d.get("module")) for d in info if isinstance(d, dict)} if isinstance(info, (list, tuple)) else set()
+    names.sort(key=lambda n: (n not in stages, n.count(".")))
+    return HeadInput(names, tuple(tensor.shape), op)
 
 
-def resolve_layer(model: nn.Module, layer: str | nn.Module | None = None) -> tuple[str, nn.Module]:
-    """(name, module) for a layer given by name (also tried under ``backbone.``), module or None."""
+_HEAD_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, HeadInput]]" = weakref.WeakKeyDictionary()
+
+
+def head_input(model: nn.Module, example: Tensor | None = None) -> HeadInput:
+    """:func:`trace_head_input`, cached per model and input shape (C, H, W). Without ``example``
+    a (1, C, H, W) input from :func:`explanations.activations.example_input` is traced."""
+    if example is None:
+        example = example_input(model)
+        if example is None:
+            raise ValueError(f"no CAM layer found for {type(model).__name__}: give an example input")
+    key = tuple(example.shape[1:])
+    cache = _HEAD_CACHE.setdefault(model, {})
+    if key not in cache:
+        cache[key] = trace_head_input(model, example)
+    return cache[key]
+
+
+def default_cam_layer(model: nn.Module, example: Tensor | None = None) -> str:
+    """Name of the default CAM / Grad-CAM / unit layer: the (outermost) module whose output is the
+    feature map the classifier head reads, found by tracing (:func:`trace_head_input`)."""
+    return head_input(model, example).names[0]
+
+
+def resolve_layer(
+    model: nn.Module, layer: str | nn.Module | None = None, example: Tensor | None = None
+) -> tuple[str, nn.Module]:
+    """(name, module) for a layer given by name (also tried under ``backbone.``), module or None
+    (:func:`default_cam_layer`, traced on ``example`` when given)."""
     if layer is None:
-        layer = default_cam_layer(model)
+        layer = default_cam_layer(model, example)
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
@@ -132,7 +234,7 @@ def _as_classes(classes: Tensor) -> Tensor:
 def grad_cam(model: nn.Module, x: Tensor, classes: Tensor, layer: str | nn.Module | None = None) -> Tensor:
     """Grad-CAM maps before ReLU, at the layer's resolution: (B, m, h, w) for classes (B,) or (B, m)."""
     classes = _as_classes(classes).to(x.device)
-    name, module = resolve_layer(model, layer)
+    name, module = resolve_layer(model, layer, x)
     with eval_mode(model), torch.enable_grad(), capture_output(module, as_leaf=True) as store:
         logits = model(x.detach())
         features = store["out"]
@@ -170,7 +272,14 @@ def class_activation_map(
     The layer must be the feature map the (global pool + linear) head reads.
     """
     classes = _as_classes(classes).to(x.device)
-    name, module = resolve_layer(model, layer)
+    name, module = resolve_layer(model, layer, x)
+    read = head_input(model, x)
+    if name not in read.names:
+        raise ValueError(
+            f"CAM: layer {name!r} is not the feature map the head reads: that is {read.names[0]!r} "
+            f"{read.shape} (read by {read.op}); use cam_layer={read.names[0]!r} or null, or "
+            "cam_method='gradcam' for another layer"
+        )
     head = find_linear_head(model) if head is None else head
     with eval_mode(model), torch.no_grad(), capture_output(module) as store:
         model(x)

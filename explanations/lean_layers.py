@@ -22,6 +22,8 @@ no parameters involved); RobustClassifier does it for double-backprop objectives
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -136,11 +138,18 @@ def _conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, args: tuple, m
 
 
 def _used(param: Tensor) -> bool:
-    """Whether the running backward pass will deliver a gradient to ``param`` (True if unsure)."""
+    """Whether the running backward pass will deliver a gradient to ``param``.
+
+    The node is the parameter's gradient edge (its AccumulateGrad for a leaf), found whatever the
+    grad mode (the double backward of an attack runs with grad mode off). ``autograd.grad(...,
+    inputs=x)`` executes only the nodes on the way to ``x``: False for the weights then.
+    """
+    if not param.requires_grad:
+        return False
+    node = torch.autograd.graph.get_gradient_edge(param).node
     try:
-        node = param.grad_fn if param.grad_fn is not None else param.view_as(param).grad_fn.next_functions[0][0]
         return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError, TypeError):
+    except RuntimeError:  # autograd.grad(..., inputs=[param]): a captured leaf, so it is wanted
         return True
 
 
@@ -181,6 +190,9 @@ class _Conv(torch.autograd.Function):
         has_bias = ctx.bias is not None
         need_b = need_b and has_bias
         if not torch.is_grad_enabled():  # plain backward: one fused kernel call
+            # (in an attack's double backward only the input gradient is wanted: no d/dW, d/db)
+            need_w = need_w and _used(weight)
+            need_b = need_b and _used(ctx.bias)
             gx, gw, gb = _conv_backward(grad_out, x, weight, ctx.args, [need_x, need_w, need_b], has_bias)
             return gx, gw, gb, None
         # create_graph: each gradient is differentiable (the input one through _ConvInputGrad).
@@ -210,12 +222,43 @@ class LeanConv2d(nn.Conv2d):
         return _Conv.apply(x, self.weight, self.bias, args)
 
 
+def missing_private_ops() -> list[str]:
+    """The private PyTorch entry points the lean layers call that this torch lacks."""
+    missing = []
+    if not hasattr(torch._C, "_will_engine_execute_node"):
+        missing.append("torch._C._will_engine_execute_node")
+    if not hasattr(getattr(torch.autograd, "graph", None), "get_gradient_edge"):
+        missing.append("torch.autograd.graph.get_gradient_edge")
+    for op in ("convolution_backward", "softplus_backward"):
+        if not hasattr(torch.ops.aten, op):
+            missing.append(f"aten.{op}")
+    return missing
+
+
+#: None when every private op exists; else the reason the lean layers are off (checked at import).
+UNAVAILABLE: str | None = None
+if missing_private_ops():
+    UNAVAILABLE = (
+        f"torch {torch.__version__} lacks {', '.join(missing_private_ops())}: the lean layers are off "
+        "and PyTorch's own Softplus / MaxPool2d / Conv2d are used (same results, more memory and time)"
+    )
+_warned = False
+
+
 def use_lean_layers(model: nn.Module) -> int:
     """Turn every exact ``nn.Softplus`` / ``nn.MaxPool2d`` / ``nn.Conv2d`` of ``model`` into its
     lean version in place.
 
-    Returns how many modules were converted (subclasses are left alone: their forward may differ).
+    Returns how many modules were converted (subclasses are left alone: their forward may differ);
+    0, with one warning per process, when this torch lacks a private op they need
+    (:func:`missing_private_ops`).
     """
+    global _warned
+    if UNAVAILABLE is not None:
+        if not _warned:
+            warnings.warn(f"lean_layers: {UNAVAILABLE}", UserWarning, stacklevel=2)
+            _warned = True
+        return 0
     lean = {nn.Softplus: LeanSoftplus, nn.MaxPool2d: LeanMaxPool2d, nn.Conv2d: LeanConv2d}
     count = 0
     for module in model.modules():

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from explanations.regularizers import (
     adaptive_weight,
+    capture_rng_state,
     check_pair_set,
     curvature_term,
     gap_term,
@@ -169,6 +170,8 @@ class ThicknessSurrogate(_InputGradientObjective):
         return [adaptive_weight(b, stats[0], stats[i + 1]) for i, b in enumerate(bases)]
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        # the curvature pass replays the generators of the clean pass: same dropout masks
+        rng_state = capture_rng_state(x.device) if self.curvature and model.training else None
         x, logits, ce, grad = self._forward(model, x, y)
         names: list[str] = []
         bases: list[float] = []
@@ -183,7 +186,7 @@ class ThicknessSurrogate(_InputGradientObjective):
             self._check_autocast_h(x)
             names.append("curvature")
             bases.append(self.weight_curvature)
-            values.append(curvature_term(model, x, y, grad, self.h, self.target).mean())
+            values.append(curvature_term(model, x, y, grad, self.h, self.target, rng_state).mean())
         loss = ce
         terms: dict[str, Tensor] = {"ce": ce.detach()}
         for name, value, lam in zip(names, values, self._lambdas(ce, bases, values)):

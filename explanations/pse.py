@@ -235,7 +235,7 @@ def unit_activations(
     model: nn.Module, x: Tensor, layer: str | nn.Module | None = None
 ) -> tuple[Tensor, Tensor]:
     """(logits (B, K), per-unit activations (B, U)) of the layer, captured with a forward hook."""
-    _, module = resolve_layer(model, layer)
+    _, module = resolve_layer(model, layer, x)
     with eval_mode(model), torch.no_grad(), capture_output(module) as store:
         logits = model(x)
     return logits, units_of(store["out"])

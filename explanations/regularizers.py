@@ -68,17 +68,53 @@ def gap_term(s: Tensor, k: int, pair_set: str = "boundary", m: int | None = None
 
 @contextlib.contextmanager
 def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
-    """Extra forward passes inside a training step must not move BatchNorm running statistics."""
+    """Extra forward passes inside a training step must not move BatchNorm running statistics.
+
+    Momentum 0 keeps ``running_mean``/``running_var`` (also for ``momentum=None``, the cumulative
+    average, whose factor is 1 / num_batches_tracked), and ``num_batches_tracked`` is restored, so
+    the extra pass is not counted.
+    """
     saved = []
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            saved.append((module, module.momentum))
+            tracked = module.num_batches_tracked
+            saved.append((module, module.momentum, None if tracked is None else tracked.clone()))
             module.momentum = 0.0
     try:
         yield
     finally:
-        for module, momentum in saved:
+        for module, momentum, tracked in saved:
             module.momentum = momentum
+            if tracked is not None:
+                module.num_batches_tracked.copy_(tracked)
+
+
+RngState = tuple[Tensor, list[Tensor]]
+
+
+def capture_rng_state(device: torch.device) -> RngState:
+    """The CPU generator state and, on CUDA, that of ``device``: replayed by :func:`replayed_rng`."""
+    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replayed_rng(state: RngState | None, device: torch.device) -> Iterator[None]:
+    """Run the block from the generator ``state`` (same dropout / drop-path masks as the pass
+    that started from it), then restore the generators as they were before the block.
+
+    ``state=None`` runs the block unchanged.
+    """
+    if state is None:
+        yield
+        return
+    cpu, cuda = state
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state(cuda[0], device)
+        yield
 
 
 def safe_norm(v: Tensor) -> Tensor:
@@ -95,12 +131,18 @@ def curvature_term(
     grad: Tensor,
     h: float = 1e-3,
     target: str = "loss",
+    rng_state: RngState | None = None,
 ) -> Tensor:
-    """R_H per sample (B,): one extra graph-carrying input gradient at x + h u."""
+    """R_H per sample (B,): one extra graph-carrying input gradient at x + h u.
+
+    ``rng_state`` (from :func:`capture_rng_state` taken just before the forward that gave
+    ``grad``) replays the generators so that stochastic layers (dropout, drop-path) draw the
+    same masks in both passes; without it, in train mode R_H measures mask noise (~1/h).
+    """
     if not h > 0:
         raise ValueError(f"h={h!r} must be a positive step for the finite difference")
     x_shift = x.detach() + h * unit_sign_direction(grad)
-    with frozen_batchnorm_stats(model):
+    with frozen_batchnorm_stats(model), replayed_rng(rng_state, x.device):
         shifted = input_gradient(model, x_shift, labels, target, create_graph=True).grad
     return safe_norm(shifted - grad) / h
 

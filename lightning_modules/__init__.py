@@ -11,9 +11,7 @@ from lightning_modules.backbones import (
     ResNet9,
     build_backbone,
     disable_fused_attention,
-    find_relu_activations,
     load_backbone_weights,
-    replace_activations,
 )
 
 __all__ = [
@@ -24,9 +22,7 @@ __all__ = [
     "ResNet9",
     "build_backbone",
     "disable_fused_attention",
-    "find_relu_activations",
     "load_backbone_weights",
-    "replace_activations",
 ]
 
 from lightning_modules.classifier import RobustClassifier  # noqa: E402

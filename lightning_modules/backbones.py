@@ -5,26 +5,26 @@ Conventions (DESIGN §3): the returned model takes images in [0, 1] of shape (B,
 returns logits of shape (B, num_classes); mean/std normalization is its first layer. Fused
 scaled-dot-product attention is switched off so that double backprop works.
 
-Importing this module registers ``resnet9`` in timm's model registry, so
-``timm.create_model("resnet9", num_classes=10)`` works afterwards.
+Importing this module registers ``resnet9`` (and, from ``cifar_resnet``, the CIFAR ResNets
+``resnet20/32/44/56/110``) in timm's model registry, so ``timm.create_model("resnet9",
+num_classes=10)`` works afterwards.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
-import inspect
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from explanations.activations import check_beta, example_input, swap_activations
+from lightning_modules import cifar_resnet  # noqa: F401  (registers resnet20/32/44/56/110)
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -34,51 +34,13 @@ __all__ = [
     "ResNet9",
     "build_backbone",
     "disable_fused_attention",
-    "find_relu_activations",
     "load_backbone_weights",
-    "replace_activations",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 ACTIVATIONS = ("relu", "softplus")
-
-# Module types treated as "ReLU-type" (piecewise linear / kinked) and swapped for Softplus.
-# timm's PReLU subclasses nn.PReLU, nn.ReLU6 subclasses nn.Hardtanh (Hardtanh itself is left alone).
-RELU_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-)
-
-# Functions treated as ReLU-type when a module stores them as an attribute (e.g. timm's
-# ``GammaAct.act_fn`` from ``get_act_fn('relu')``).
-_RELU_FUNCTIONS: tuple[Callable, ...] = (
-    F.relu,
-    F.relu_,
-    F.relu6,
-    F.leaky_relu,
-    F.leaky_relu_,
-    F.elu,
-    F.elu_,
-    F.celu,
-    F.rrelu,
-    F.prelu,
-    torch.relu,
-    torch.relu_,
-)
-
-# Source patterns of ReLU calls made directly in a module's code (these cannot be swapped).
-_FUNCTIONAL_RELU_RE = re.compile(
-    r"\b(?:F|torch|functional|nn\.functional)\.(?:relu6?_?|leaky_relu_?|elu_?|celu|rrelu)\s*\("
-    r"|\.relu_?\(\s*\)"
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Normalization wrapper
@@ -281,99 +243,6 @@ def resnet9(pretrained: bool = False, **kwargs: Any) -> ResNet9:
 
 
 # --------------------------------------------------------------------------------------------
-# Activation swap
-# --------------------------------------------------------------------------------------------
-
-
-class _SoftplusFn:
-    """Drop-in for a functional ReLU attribute: ``fn(x, *args, inplace=..., **kw)`` -> softplus."""
-
-    def __init__(self, beta: float) -> None:
-        self.beta = beta
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return F.softplus(x, beta=self.beta)
-
-    def __repr__(self) -> str:
-        return f"softplus(beta={self.beta})"
-
-
-def _is_relu_function(obj: Any) -> bool:
-    if isinstance(obj, functools.partial):
-        obj = obj.func
-    return any(obj is f for f in _RELU_FUNCTIONS)
-
-
-def _check_beta(beta: float) -> float:
-    try:
-        beta_f = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"softplus_beta must be a positive number, got {beta!r}") from None
-    if not beta_f > 0 or beta_f == float("inf"):
-        raise ValueError(f"softplus_beta must be a positive finite number, got {beta!r}")
-    return beta_f
-
-
-def replace_activations(model: nn.Module, beta: float = 0.5) -> nn.Module:
-    """Replace every ReLU-type activation in ``model`` by ``nn.Softplus(beta)``, in place.
-
-    Covers activation modules (``nn.ReLU``, ``ReLU6``, ``LeakyReLU``, ``PReLU``, ``RReLU``,
-    ``ELU``, ``CELU``, including ``act`` inside timm's ``BatchNormAct2d`` and entries of
-    ``nn.Sequential``/``ModuleList``/``ModuleDict``; a module shared by several parents maps to
-    one shared Softplus) and ReLU functions stored as module attributes (e.g. timm's
-    ``act_fn``). ReLUs called directly in a module's ``forward`` cannot be swapped; see
-    :func:`find_relu_activations`. Returns ``model`` (or a Softplus if ``model`` itself is a ReLU).
-    """
-    beta = _check_beta(beta)
-    if isinstance(model, RELU_TYPES):
-        return nn.Softplus(beta=beta)
-    replaced: dict[int, nn.Module] = {}
-    for module in list(model.modules()):
-        for name, child in list(module._modules.items()):
-            if child is not None and isinstance(child, RELU_TYPES):
-                new = replaced.get(id(child))
-                if new is None:
-                    new = replaced[id(child)] = nn.Softplus(beta=beta)
-                setattr(module, name, new)
-        for name, value in list(vars(module).items()):
-            if not name.startswith("__") and _is_relu_function(value):
-                setattr(module, name, _SoftplusFn(beta))
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def _class_calls_functional_relu(cls: type) -> bool:
-    if cls.__module__.startswith("torch."):
-        return False
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return False
-    return bool(_FUNCTIONAL_RELU_RE.search(source))
-
-
-def find_relu_activations(model: nn.Module) -> list[str]:
-    """Names of ReLU-type activations left in ``model`` (empty list if none).
-
-    Reports ReLU-type modules (``"layer1.0.act1 (ReLU)"``), ReLU functions held as attributes
-    (``"stages.0.act.act_fn (function relu)"``) and modules whose class source calls a ReLU
-    directly (``"block (XceptionBlock calls relu in code)"``; a static check, may over-report).
-    """
-    found: list[str] = []
-    for name, module in model.named_modules():
-        where = name or "<root>"
-        if isinstance(module, RELU_TYPES):
-            found.append(f"{where} ({type(module).__name__})")
-            continue
-        for attr, value in vars(module).items():
-            if not attr.startswith("__") and _is_relu_function(value):
-                found.append(f"{where}.{attr} (function {getattr(value, '__name__', value)})")
-        if _class_calls_functional_relu(type(module)):
-            found.append(f"{where} ({type(module).__name__} calls relu in code)")
-    return found
-
-
-# --------------------------------------------------------------------------------------------
 # Fused attention
 # --------------------------------------------------------------------------------------------
 
@@ -488,6 +357,8 @@ def load_backbone_weights(model: nn.Module, weights_file: str | Path, name: str 
     if not path.is_file():
         raise FileNotFoundError(f"weights_file not found: {str(path)!r}")
     raw = _read_weights_file(path)
+    if callable(getattr(model, "checkpoint_filter_fn", None)):  # e.g. published CIFAR ResNet files
+        raw = model.checkpoint_filter_fn(raw, model)
 
     target = model.state_dict()
     model_keys = set(target)
@@ -642,8 +513,40 @@ def _resolve_stats(
     return (avg,) * in_chans
 
 
+def _check_module_backbone(model: nn.Module, num_classes: int, in_chans: int, pretrained: bool,
+                           timm_kwargs: Mapping[str, Any]) -> str:
+    """Refuse settings a user ``nn.Module`` cannot honour; returns its name for messages."""
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    if pretrained:
+        raise ValueError(
+            f"pretrained=True needs a timm model name; backbone {name} is an nn.Module: load its "
+            "weights with weights_file=<local state dict> instead"
+        )
+    if timm_kwargs:
+        raise ValueError(
+            f"backbone_kwargs {sorted(timm_kwargs)} are timm.create_model arguments and cannot apply "
+            f"to the nn.Module backbone {name}; pass them to its constructor (init_args)"
+        )
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if not isinstance(head, nn.Linear):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is not None and head.out_features != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} but the nn.Module backbone {name} ends in a Linear with "
+            f"{head.out_features} outputs; build it with {num_classes} outputs or set num_classes"
+        )
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs and convs[0].in_channels != in_chans:
+        raise ValueError(
+            f"in_chans={in_chans} but the first Conv2d of the nn.Module backbone {name} takes "
+            f"{convs[0].in_channels} channels"
+        )
+    return name
+
+
 def build_backbone(
-    name: str,
+    name: str | nn.Module,
     num_classes: int = 10,
     in_chans: int = 3,
     pretrained: bool = False,
@@ -655,21 +558,28 @@ def build_backbone(
     std: Sequence[float] | None = None,
     **timm_kwargs: Any,
 ) -> NormalizedClassifier:
-    """Build ``timm.create_model(name, ...)`` wrapped as a :class:`NormalizedClassifier`.
+    """Build ``timm.create_model(name, ...)`` (or take the ``nn.Module`` ``name``) wrapped as a
+    :class:`NormalizedClassifier`.
 
     The result maps images (B, in_chans, H, W) in [0, 1] to logits (B, num_classes).
-    ``name``: any timm model name or ``"resnet9"``. ``pretrained``: timm hub weights;
-    ``weights_file``: local state dict loaded after building (a classifier of another size is
-    re-initialised). ``activation="softplus"`` swaps ReLU-type activations for
-    ``Softplus(softplus_beta)``. ``cifar_stem`` replaces a ResNet's 7x7/stride-2 conv1 + maxpool
-    by a 3x3/stride-1 conv (fresh weights). ``mean``/``std`` (length ``in_chans``) default to the
-    model's ``pretrained_cfg``. Fused attention is disabled so double backprop works.
+    ``name``: any timm model name (``"resnet9"``, the CIFAR ``"resnet20"``, ...) or an
+    ``nn.Module`` mapping normalised images (B, in_chans, H, W) to logits (B, num_classes), used
+    as is (modified in place by ``activation="softplus"`` and ``weights_file``).
+    ``pretrained``: timm hub weights (timm names only); ``weights_file``: local state dict
+    loaded after building (a classifier of another size is re-initialised).
+    ``activation="softplus"`` swaps ReLU-type activations for ``Softplus(softplus_beta)``.
+    ``cifar_stem`` replaces a ResNet's 7x7/stride-2 conv1 + maxpool by a 3x3/stride-1 conv (fresh
+    weights). ``mean``/``std`` (length ``in_chans``) default to the model's ``pretrained_cfg``;
+    for an ``nn.Module`` without one, to mean 0 / std 1 (no normalization). Fused attention is
+    disabled so double backprop works.
     """
-    _check_name(name)
+    module_backbone = isinstance(name, nn.Module)
+    if not module_backbone:
+        _check_name(name)
     act = activation.lower() if isinstance(activation, str) else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    beta = _check_beta(softplus_beta)
+    beta = check_beta(softplus_beta)
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
@@ -677,6 +587,11 @@ def build_backbone(
     for what, value in (("mean", mean), ("std", std)):
         if value is not None:
             _resolve_stats(value, None, in_chans, what)
+    if module_backbone:
+        model = name
+        name = _check_module_backbone(model, num_classes, in_chans, pretrained, timm_kwargs)
+        return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std,
+                                identity_stats=True)
     if pretrained and weights_file is not None:
         warnings.warn(
             "Both pretrained=True and weights_file given: the weights_file overrides hub weights.",
@@ -700,23 +615,39 @@ def build_backbone(
             f"from {name!r}) with pretrained=False instead."
         ) from exc
 
+    return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std)
+
+
+def _example_input(model: nn.Module, in_chans: int) -> torch.Tensor | None:
+    """A tracing input (1, in_chans, H, W): H, W from a ViT-style ``patch_embed.img_size`` (timm
+    keeps the 224 px ``pretrained_cfg`` when built with another ``img_size``), else
+    :func:`explanations.activations.example_input`."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return torch.rand(1, in_chans, int(size[0]), int(size[1]), generator=torch.Generator().manual_seed(0))
+    return example_input(model, in_chans)
+
+
+def _finish_backbone(
+    model: nn.Module, name: str, in_chans: int, weights_file: str | None, act: str, beta: float,
+    cifar_stem: bool, mean: Sequence[float] | None, std: Sequence[float] | None,
+    identity_stats: bool = False,
+) -> NormalizedClassifier:
+    """Stem, weights, activation swap and normalization for a built (timm or user) model."""
     if cifar_stem:
         _apply_cifar_stem(model, name)
     if weights_file is not None:
         load_backbone_weights(model, weights_file, name=name)
-    if act == "softplus":
-        replace_activations(model, beta)
-        left = find_relu_activations(model)
-        if left:
-            warnings.warn(
-                f"activation='softplus': {name!r} still has ReLU-type activations that cannot be "
-                f"swapped (called directly in code): {_summarize(left, 5)}",
-                UserWarning,
-                stacklevel=2,
-            )
+    if act == "softplus":  # modules, function attributes and F.relu calls; refuses a no-op swap
+        try:
+            swap_activations(model, beta, example=_example_input(model, in_chans))
+        except ValueError as exc:
+            raise ValueError(f"backbone {name!r}: {exc}") from None
     disable_fused_attention(model)
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    if identity_stats and not (cfg.get("mean") and cfg.get("std")):
+        cfg = {"mean": (0.0,) * in_chans, "std": (1.0,) * in_chans}
     mean_t = _resolve_stats(mean, cfg.get("mean"), in_chans, "mean")
     std_t = _resolve_stats(std, cfg.get("std"), in_chans, "std")
     file_stats = getattr(model, "_file_normalization", None)

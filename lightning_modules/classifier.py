@@ -7,6 +7,8 @@ and the guards that double backprop needs (no torch.compile, no SyncBatchNorm).
 
 from __future__ import annotations
 
+import copy
+import importlib
 import logging
 import warnings
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -22,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
+from explanations.precision import set_tf32, tf32_flags
 from lightning_modules.backbones import build_backbone
 from lightning_modules.reliability import (
     architecture_differences,
@@ -51,7 +55,9 @@ class RobustClassifier(L.LightningModule):
     """Image classifier (pixel space, [0, 1] inputs) trained with a selectable objective.
 
     Args:
-        backbone: a timm model name (or ``resnet9``), built by ``build_backbone``.
+        backbone: a timm model name (``resnet9``, ``resnet20``, any timm name) or an ``nn.Module``
+            mapping normalised images (B, C, H, W) to logits (B, num_classes): an instance from
+            Python, or ``class_path``/``init_args`` in YAML (README "Backbones").
         num_classes, in_chans: classifier outputs and input channels.
         pretrained: timm hub weights; ``weights_file``: a local state dict instead.
         activation, softplus_beta: ``softplus`` swaps ReLU-type activations (SP baseline).
@@ -75,11 +81,13 @@ class RobustClassifier(L.LightningModule):
             and max pooling, whose double-backprop graph holds one activation less per layer
             (same results; about 20% less R2ET step memory), and its convolution, whose double
             backward uses native kernels (same results; ~8% less time per R2ET step on CPU).
+        allow_tf32: False (default): fit, validate, test and predict run with TF32 convolutions
+            and matmuls off on GPU (``explanations.precision.full_fp32``), flags restored after.
     """
 
     def __init__(
         self,
-        backbone: str = "resnet9",
+        backbone: str | nn.Module = "resnet9",
         num_classes: int = 10,
         in_chans: int = 3,
         pretrained: bool = False,
@@ -107,9 +115,12 @@ class RobustClassifier(L.LightningModule):
         compile: bool = False,
         fast_batchnorm: bool = True,
         lean_layers: bool = True,
+        allow_tf32: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        module_backbone = isinstance(backbone, nn.Module)  # recorded by its config, not pickled
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"] + ["backbone"] * module_backbone)
+        backbone = _module_backbone_hparam(self, backbone)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
         if nonfinite not in ("error", "skip"):
@@ -149,8 +160,39 @@ class RobustClassifier(L.LightningModule):
         """Logits (B, K) for images (B, C, H, W) in [0, 1]."""
         return self.model(x)
 
+    # ---------------------------------------------------------------- precision
+    def _enter_fp32(self) -> None:
+        if not self.hparams.get("allow_tf32", False):
+            self._tf32_stack = getattr(self, "_tf32_stack", [])
+            self._tf32_stack.append(tf32_flags())
+            set_tf32((False, False))
+
+    def _exit_fp32(self) -> None:
+        stack = getattr(self, "_tf32_stack", None)
+        if stack:
+            set_tf32(stack.pop())
+
+    def on_validation_start(self) -> None:
+        self._enter_fp32()
+
+    def on_validation_end(self) -> None:
+        self._exit_fp32()
+
+    def on_test_start(self) -> None:
+        self._enter_fp32()
+
+    def on_test_end(self) -> None:
+        self._exit_fp32()
+
+    def on_predict_start(self) -> None:
+        self._enter_fp32()
+
+    def on_predict_end(self) -> None:
+        self._exit_fp32()
+
     # ---------------------------------------------------------------- guards
     def on_fit_start(self) -> None:
+        self._enter_fp32()
         if not self.objective.double_backprop:
             return
         if self._trainer is not None:
@@ -175,6 +217,7 @@ class RobustClassifier(L.LightningModule):
         if saved is not None:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
             self._saved_tf32 = None
+        self._exit_fp32()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (``--ckpt_path``) a checkpoint of another architecture, listing what differs.
@@ -182,7 +225,7 @@ class RobustClassifier(L.LightningModule):
         Runs before Lightning loads the state dict, whose own error would only print tensor names.
         """
         saved = checkpoint.get("hyper_parameters") or {}
-        arch = architecture_differences(saved, self.hparams)
+        arch = architecture_differences(saved, _same_module_backbone(saved, self.hparams))
         state = checkpoint.get("state_dict")
         strict = isinstance(state, dict) and self.strict_loading
         keys = state_dict_differences(state, self.state_dict()) if strict else {}
@@ -275,6 +318,54 @@ class RobustClassifier(L.LightningModule):
 
 
 FP16_PRECISIONS = ("16", "16-mixed", "16-true")
+
+
+def _module_backbone_hparam(module: L.LightningModule, backbone: Any) -> Any:
+    """Keep hyper-parameters serialisable for an ``nn.Module`` backbone, and rebuild one.
+
+    A backbone from YAML is recorded as LightningCLI parsed it (``class_path``/``init_args``); a
+    Python instance as ``{"class_path": "pkg.mod.Class"}`` (its constructor arguments are
+    unknown, so loading such a checkpoint needs ``backbone=`` again). A ``class_path`` mapping
+    with ``init_args`` is instantiated. Returns the backbone to build.
+    """
+    if isinstance(backbone, nn.Module):
+        given = _given_hyperparameters.get() or {}
+        record = given.get("backbone")
+        if not (isinstance(record, dict) and "class_path" in record):
+            record = {"class_path": f"{type(backbone).__module__}.{type(backbone).__qualname__}"}
+        module.hparams["backbone"] = record
+        module._hparams_initial["backbone"] = copy.deepcopy(record)
+        return backbone
+    if not isinstance(backbone, dict):
+        return backbone
+    path = backbone.get("class_path")
+    if not isinstance(path, str) or "init_args" not in backbone and "dict_kwargs" not in backbone:
+        raise ValueError(
+            f"backbone={backbone!r}: this nn.Module backbone was given as a Python instance when the "
+            "checkpoint was saved, so its constructor arguments are unknown; pass backbone=<the "
+            "module> again (e.g. RobustClassifier.load_from_checkpoint(path, backbone=MyNet(...)))"
+        )
+    module_name, _, cls_name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"backbone class_path={path!r} is not an nn.Module subclass")
+    return cls(**(backbone.get("init_args") or {}), **(backbone.get("dict_kwargs") or {}))
+
+
+def _same_module_backbone(saved: dict[str, Any], hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` with the saved backbone where both are nn.Module backbones of the same class
+    and one of them is known by class only (a Python instance): the weights' keys and shapes are
+    compared next, and catch any other difference."""
+    def config(value: Any) -> Any:
+        if isinstance(value, nn.Module):
+            return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}"}
+        return value
+
+    mine, theirs = config(hparams.get("backbone")), config(saved.get("backbone"))
+    if (isinstance(mine, dict) and isinstance(theirs, dict) and mine.get("class_path") == theirs.get("class_path")
+            and (set(mine) == {"class_path"} or set(theirs) == {"class_path"})):
+        return {**hparams, "backbone": saved.get("backbone")}
+    return hparams
 
 
 def check_precision(objective: str, precision: object) -> None:

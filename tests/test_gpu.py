@@ -76,3 +76,18 @@ def test_fast_batchnorm_matches_pytorch_on_gpu():
     g_fast = torch.autograd.grad(objective(fast, x, y).loss, list(fast.parameters()))
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_full_fp32_context_on_gpu():
+    from explanations.precision import full_fp32
+
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        a = torch.randn(256, 256, device="cuda")
+        with full_fp32():
+            exact = a @ a
+        torch.testing.assert_close(exact, (a.double() @ a.double()).float(), rtol=1e-5, atol=1e-4)
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

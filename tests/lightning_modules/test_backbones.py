@@ -13,10 +13,8 @@ from lightning_modules import (
     CIFAR10_STD,
     NormalizedClassifier,
     build_backbone,
-    find_relu_activations,
-    replace_activations,
 )
-from lightning_modules.backbones import RELU_TYPES
+from explanations.activations import RELU_MODULES as RELU_TYPES, trace_activations
 
 torch.set_num_threads(1)
 
@@ -96,7 +94,7 @@ def test_softplus_swap_leaves_no_relu(name):
 
     model = build_backbone(name, num_classes=4, activation="softplus", softplus_beta=2.0).eval()
     assert not any(isinstance(m, RELU_TYPES) for m in model.modules())
-    assert find_relu_activations(model) == []
+    assert trace_activations(model, _x(1)).relu == []
     softplus = [m for m in model.modules() if isinstance(m, nn.Softplus)]
     assert softplus and all(m.beta == 2.0 for m in softplus)
     if name.startswith("mobilenetv3"):  # hard-swish is not ReLU-type: kept
@@ -105,26 +103,18 @@ def test_softplus_swap_leaves_no_relu(name):
         assert model(_x(1)).shape == (1, 4)
 
 
-def test_replace_activations_shared_sequential_and_function_attrs():
-    from timm.models.nfnet import GammaAct
+def test_softplus_swap_covers_functional_relu_and_refuses_gelu_models():
+    from tests.lightning_modules.tiny_nets import FunctionalReluNet
 
-    shared = nn.ReLU(inplace=True)
-    model = nn.Sequential(
-        nn.Linear(3, 3), shared, nn.Sequential(shared, nn.LeakyReLU(0.1)), nn.ELU(), nn.ReLU6(),
-        GammaAct("relu", gamma=2.0), nn.GELU(),
-    )
-    assert len(find_relu_activations(model)) == 5  # shared counted once + 3 modules + act_fn
-    out = replace_activations(model, beta=0.5)
-    assert out is model
-    assert isinstance(model[1], nn.Softplus) and model[1] is model[2][0]  # sharing preserved
-    assert isinstance(model[2][1], nn.Softplus)
-    assert isinstance(model[3], nn.Softplus) and isinstance(model[4], nn.Softplus)
-    assert isinstance(model[6], nn.GELU)
-    assert find_relu_activations(model) == []
-    x = torch.randn(2, 3)
-    gamma_out = model[5](x)
-    assert torch.allclose(gamma_out, 2.0 * torch.nn.functional.softplus(x, beta=0.5))
-    assert isinstance(replace_activations(nn.ReLU()), nn.Softplus)
+    model = build_backbone(FunctionalReluNet(4), activation="softplus", softplus_beta=2.0).eval()
+    x = _x(2, s=8)
+    assert trace_activations(model, x).relu == []
+    net = model.backbone
+    h = torch.nn.functional.softplus(net.bn1(net.conv1(x)), beta=2.0)
+    h = torch.nn.functional.softplus(net.conv2(h), beta=2.0)
+    torch.testing.assert_close(model(x), net.head(h.mean((2, 3))))
+    with pytest.raises(ValueError, match="convnext_atto.*softplus has no effect"):
+        build_backbone("convnext_atto", num_classes=4, activation="softplus")
 
 
 def _input_hvp(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +212,7 @@ def test_weights_file_same_num_classes_loads_everything(resnet9_file, tmp_path):
     torch.save(source.state_dict(), path)
     model = build_backbone("resnet9", num_classes=10, weights_file=path, activation="softplus").eval()
     torch.testing.assert_close(model.backbone.fc.weight, source.backbone.fc.weight)
-    assert find_relu_activations(model) == []
+    assert trace_activations(model, _x(1)).relu == []
 
 
 def test_weights_file_lightning_checkpoint(resnet9_file, tmp_path):
@@ -279,9 +269,9 @@ def test_pretrained_offline_error_suggests_weights_file(monkeypatch):
 
 def test_vit_double_backprop_with_fused_attention_off():
     timm.layers.set_fused_attn(True)  # make sure build_backbone turns it off itself
-    model = build_backbone(
-        "vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, activation="softplus"
-    ).eval()
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224.*no ReLU-type activation"):  # GELU only
+        build_backbone("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, activation="softplus")
+    model = build_backbone("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8).eval()
     flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     assert flags and not any(flags)
     x = _x(2).requires_grad_(True)
