@@ -272,21 +272,28 @@ def trace_activations(model: nn.Module, example: Tensor) -> ActivationTrace:
 
 
 def example_input(model: nn.Module, in_chans: int | None = None) -> Tensor | None:
-    """A (1, C, H, W) input in [0, 1] for tracing, from the model's timm ``pretrained_cfg``
-    (``input_size``) when it has one, else C = ``in_chans`` (or the first conv's) at 32 x 32."""
+    """A (1, C, H, W) input in [0, 1] for tracing: H, W from a ViT-style ``patch_embed.img_size``
+    (timm keeps the 224 px ``pretrained_cfg`` when built with another ``img_size``), else from the
+    timm ``pretrained_cfg`` (``input_size``), else 32 x 32; C = ``in_chans`` (or the config's, or
+    the first conv's)."""
+    gen = torch.Generator().manual_seed(0)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        c = in_chans if in_chans is not None else getattr(getattr(model, "patch_embed", None), "in_chans", 3)
+        return torch.rand(1, int(c), int(size[0]), int(size[1]), generator=gen)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     if size is not None and len(size) == 3:
         c, h, w = (int(v) for v in size)
         if in_chans is not None:
             c = in_chans
-        return torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(0))
+        return torch.rand(1, c, h, w, generator=gen)
     if in_chans is None:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
             return None
         in_chans = conv.in_channels
-    return torch.rand(1, in_chans, 32, 32, generator=torch.Generator().manual_seed(0))
+    return torch.rand(1, in_chans, 32, 32, generator=gen)
 
 
 # --------------------------------------------------------------------------------------------

@@ -618,16 +618,6 @@ def build_backbone(
     return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std)
 
 
-def _example_input(model: nn.Module, in_chans: int) -> torch.Tensor | None:
-    """A tracing input (1, in_chans, H, W): H, W from a ViT-style ``patch_embed.img_size`` (timm
-    keeps the 224 px ``pretrained_cfg`` when built with another ``img_size``), else
-    :func:`explanations.activations.example_input`."""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return torch.rand(1, in_chans, int(size[0]), int(size[1]), generator=torch.Generator().manual_seed(0))
-    return example_input(model, in_chans)
-
-
 def _finish_backbone(
     model: nn.Module, name: str, in_chans: int, weights_file: str | None, act: str, beta: float,
     cifar_stem: bool, mean: Sequence[float] | None, std: Sequence[float] | None,
@@ -640,7 +630,7 @@ def _finish_backbone(
         load_backbone_weights(model, weights_file, name=name)
     if act == "softplus":  # modules, function attributes and F.relu calls; refuses a no-op swap
         try:
-            swap_activations(model, beta, example=_example_input(model, in_chans))
+            swap_activations(model, beta, example=example_input(model, in_chans))
         except ValueError as exc:
             raise ValueError(f"backbone {name!r}: {exc}") from None
     disable_fused_attention(model)
