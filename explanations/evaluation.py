@@ -11,7 +11,7 @@ it runs an ensemble of attacks (default: ERAttack, ERAttack through a Softplus s
 
 - ``p_at_k``: |T_k(x) ∩ T_k(x')| / k;
 - ``spearman`` / ``kendall``: rank correlation on the union of both top-k sets;
-- ``flip``: 1 where the returned image's prediction differs from the clean one;
+- ``flip_rate``: 1 where the returned image's prediction differs from the clean one;
 - ``localization``: top-k share inside the ground-truth mask (datasets with masks);
 
 plus the per-image **worst case** over the ensemble: at eps_j it is the (attack, eps_i <= eps_j)
@@ -184,12 +184,15 @@ class EvaluationResult:
         return EvaluationResult(values, torch.cat([p.ids for p in parts]), list(parts[0].notes), images)
 
 
-def sums_and_counts(values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """float64 sums and counts of the non-NaN values of each key (sorted keys): (K,), (K,)."""
-    keys = sorted(values)
+def sums_and_counts(values: dict[str, Tensor], keys: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+    """float64 sums and counts of the non-NaN values of each key (``keys``, default the sorted keys
+    of ``values``; a missing key counts nothing): (K,), (K,)."""
+    keys = sorted(values) if keys is None else list(keys)
     total = torch.zeros(len(keys), dtype=torch.float64)
     count = torch.zeros(len(keys), dtype=torch.float64)
     for i, key in enumerate(keys):
+        if key not in values:
+            continue
         v = values[key].detach().double().flatten().cpu()
         ok = ~torch.isnan(v)
         total[i], count[i] = v[ok].sum(), ok.sum()
@@ -349,7 +352,7 @@ class EvaluationProtocol:
         """Every per-image key one evaluation produces (sorted), the same on every rank."""
         out = ["accuracy"]
         sources = [s.name for s in specs] + [WORST]
-        metrics = ["p_at_k", "flip"] + (list(CORRELATIONS) if self.correlations else [])
+        metrics = ["p_at_k", "flip_rate"] + (list(CORRELATIONS) if self.correlations else [])
         if has_mask and self.localization:
             metrics.append("localization")
         for method in self.methods:
@@ -404,7 +407,7 @@ class EvaluationProtocol:
                         adv = explain_with_logits(model, x_adv, y, method, self.target, self.pool, classes=classes, **mkw)
                         s_adv = adv.saliency.detach()
                         row = {"p_at_k": precision_at_k(s0, s_adv, self.k),
-                               "flip": (adv.logits.detach().argmax(1) != pred0).float()}
+                               "flip_rate": (adv.logits.detach().argmax(1) != pred0).float()}
                         if self.correlations:
                             for corr in CORRELATIONS:
                                 row[corr] = rank_correlation(s0, s_adv, self.k, corr)
@@ -486,7 +489,7 @@ def summary(protocol: EvaluationProtocol, means: dict[str, float], num_images: i
     def block(m: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for metric, name in (("p_at_k", "p_at_k"), ("spearman", "spearman"), ("kendall", "kendall"),
-                             ("flip", "flip_rate"), ("localization", "localization")):
+                             ("flip_rate", "flip_rate"), ("localization", "localization")):
             table = {src: {eps_label(e): clean(means[f"{metric}/{src}/{m}/{eps_tag(e)}"]) for e in protocol.eps}
                      for src in sources if f"{metric}/{src}/{m}/{eps_tag(protocol.eps[0])}" in means}
             if table:
