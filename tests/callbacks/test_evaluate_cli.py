@@ -75,3 +75,16 @@ def test_standalone_evaluation_writes_the_report_with_the_protocols_numbers(tmp_
             assert report["p_at_k"][src][e] == direct[f"p_at_k/{src}/gradient/{tag}"], (src, e)
     assert report["thickness"]["all_pairs"] == direct["thickness/all_pairs/gradient"]
     assert report["accuracy"] == direct["accuracy"]
+
+
+def test_checkpoint_of_ours_is_evaluated_with_ckpt_path(tmp_path):
+    config = tiny_config(tmp_path)
+    main(["fit", "-c", str(config), "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true"])
+    ckpt = sorted(tmp_path.glob("logs/evaluate/version_0/checkpoints/*.ckpt"))
+    assert ckpt, sorted(str(p) for p in tmp_path.rglob("*"))
+    cli = main(["test", "-c", str(config), "--ckpt_path", str(ckpt[-1])])
+    report, folder = read_report(tmp_path)
+    assert folder.name == "version_1" and report["stage"] == "test" and report["num_images"] == 6
+    trained = torch.load(ckpt[-1], weights_only=True)["state_dict"]
+    loaded = cli.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items())  # the checkpoint's weights were evaluated

@@ -17,15 +17,6 @@ from explanations.evaluation import EvaluationProtocol
 from callbacks.metrics import FlipRate, PrecisionAtK, SampleMean
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not stall when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------ tiny model and data
 class TinyData(Dataset):
     """12 px images, 3 classes, a bright square per class, its pixels the item's mask."""
