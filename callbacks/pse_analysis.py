@@ -23,7 +23,7 @@ every setting in docs/pse.md). It logs, under ``pse/``:
 =======================================  =========================================================
 
 On rank zero with a ``WandbLogger`` it also logs ``pse/samples`` (a ``wandb.Table`` with one row
-per sample of all ranks) and ``pse/category_shares_chart`` (a line series of the four category
+per sample of all ranks, with a uint8 thumbnail of the clean image) and ``pse/category_shares_chart`` (a line series of the four category
 shares over the epochs analysed so far). With ``out_dir`` set, rank zero writes
 ``pse_<stage>_epoch<N>.json`` (settings, numbers, history) and ``pse_<stage>_epoch<N>.png`` (example
 perturbations per category, from rank zero's shard).
@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from callbacks._eval_subset import EvalSubset
 from callbacks.base import EvaluationCallback
-from explanations.evaluation import pse_target_uniform
+from explanations.evaluation import pse_target_uniform, uint8_image
 from explanations.pse import (
     CATEGORIES,
     PSEBatch,
@@ -374,6 +374,11 @@ class PSEAnalysis(EvaluationCallback):
         gathered = pl_module.all_gather(padded.to(pl_module.device)).reshape(-1, rows.shape[1] + 1).cpu()
         return gathered[gathered[:, -1] == 1.0][:, :-1]
 
+    def _thumbnails(self, wandb, ids: list[int]) -> list[Any]:
+        """uint8 wandb.Image thumbnails (>= 32 px) of the clean images with these dataset ids."""
+        dataset = self._subset.dataset
+        return [wandb.Image(uint8_image(dataset[i][0], min_side=32)) for i in ids]
+
     def _log_wandb(self, trainer: L.Trainer, columns: list[str], rows: Tensor, class_names) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers or not (self.log_table or self.log_chart):
@@ -383,8 +388,10 @@ class PSEAnalysis(EvaluationCallback):
         for logger in loggers:
             try:
                 if self.log_table:
-                    logger.log_table(key=PREFIX + "samples", columns=columns,
-                                     data=table_data(columns, rows, class_names), step=trainer.global_step)
+                    data = table_data(columns, rows, class_names)
+                    thumbs = self._thumbnails(wandb, [int(r[0]) for r in data])
+                    logger.log_table(key=PREFIX + "samples", columns=[columns[0], "image", *columns[1:]],
+                                     data=[[r[0], t, *r[1:]] for r, t in zip(data, thumbs)], step=trainer.global_step)
                 if self.log_chart and self.history:
                     chart = wandb.plot.line_series(
                         xs=[h["epoch"] for h in self.history],

@@ -552,6 +552,19 @@ def _heat(s: Tensor, size: tuple[int, int]) -> Tensor:
     return maps[:, 0]
 
 
+def uint8_image(x: Tensor, min_side: int = 0):
+    """An image (C, H, W) in [0, 1] as a uint8 numpy array (H, W, 3) in its real colours (grey
+    images repeated), nearest-upsampled to at least ``min_side`` pixels: W&B writes uint8 as is
+    (a float array would be written unscaled, i.e. black)."""
+    x = x.detach().float().cpu()
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    scale = max(1, -(-min_side // max(x.shape[-2:]))) if min_side else 1
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x[None], scale_factor=scale, mode="nearest")[0]
+    return (x[:3].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def saliency_grid(item: dict[str, Any], min_side: int = 64) -> Tensor:
     """uint8 image grid (3, H', W') in real colours: per row clean image | clean saliency |
     attacked image | attacked saliency (saliency as grey heat maps). ``item``: from
