@@ -2,7 +2,16 @@
 ranking attacks and metrics (plain torch, no Lightning)."""
 
 from explanations.adversarial_training import AdversarialTraining
-from explanations.attacks import ATTACKS, ERAttack, MSEAttack, RankingAttack, build_attack
+from explanations.attacks import (
+    ATTACKS,
+    ERAttack,
+    MSEAttack,
+    PaperERAttack,
+    RankingAttack,
+    UniformNoise,
+    build_attack,
+    paper_attack,
+)
 from explanations.explainers import METHODS, eval_mode, explain, explain_with_logits, seeded_uniform
 from explanations.objectives import (
     OBJECTIVES,
@@ -17,6 +26,7 @@ from explanations.objectives import (
 from explanations.regularizers import (
     PAIR_SETS,
     adaptive_weight,
+    block_gap,
     curvature_term,
     frozen_batchnorm_stats,
     gap_term,
@@ -30,6 +40,7 @@ from explanations.ranking_metrics import (
     prediction_flips,
     rank_correlation,
     spearman_union,
+    thickness_estimates,
     topk_thickness,
 )
 from explanations.saliency import (
@@ -45,8 +56,9 @@ from explanations.saliency import (
 )
 
 __all__ = [
-    "ATTACKS", "METHODS", "AdversarialTraining", "ERAttack", "MSEAttack", "RankingAttack",
-    "build_attack", "eval_mode", "explain", "explain_with_logits", "kendall_union",
+    "ATTACKS", "METHODS", "AdversarialTraining", "ERAttack", "MSEAttack", "PaperERAttack",
+    "RankingAttack", "UniformNoise", "block_gap", "build_attack", "paper_attack",
+    "thickness_estimates", "eval_mode", "explain", "explain_with_logits", "kendall_union",
     "kept_pair_fraction", "localization_share", "precision_at_k", "prediction_flips",
     "rank_correlation", "seeded_uniform", "spearman_union", "topk_thickness",
     "OBJECTIVES", "PAIR_SETS", "GradientNorm", "InputGradient", "Objective", "ObjectiveOutput",

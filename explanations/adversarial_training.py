@@ -1,7 +1,11 @@
 """AT: explanation adversarial training (DESIGN §4), registered as objective ``at``.
 
 ``L = CE(f(x_adv), y) + clean_weight * CE(f(x), y)`` where x_adv comes from a few batched
-ERAttack steps on the current model (``explanations.attacks``). The attack runs in eval mode (the
+ERAttack steps on the current model (``explanations.attacks``). The training attack is the cheap
+fixed-budget one: ``ERAttack(..., legacy=True, surrogate_beta=None)``, i.e. ``steps`` fixed
+steps of ``step_size`` (default 2.5 eps / steps), one start, a sample stops at its first
+prediction flip, no best-iterate scoring (no P@k passes) and no surrogate; its cost is exactly
+``steps`` graph-carrying passes (the evaluation uses the stronger best-iterate attack). The attack runs in eval mode (the
 model's mode is restored, BatchNorm statistics are not moved) and never writes parameter
 gradients; the CE terms then run in the caller's mode (train mode in ``training_step``). With
 ``clean_weight > 0`` clean and attacked images go through one forward pass together
@@ -64,6 +68,7 @@ class AdversarialTraining(Objective):
         self.attack_config = dict(
             eps=eps, steps=steps, step_size=step_size, k=k, pair_set=pair_set, minmax_m=minmax_m,
             target=target, pool=pool, random_start=random_start, step=step, method=method, seed=None,
+            legacy=True, surrogate_beta=None,
         )
         ERAttack(nn.Identity(), **self.attack_config)  # validate the settings now, not mid-epoch
 

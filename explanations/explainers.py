@@ -49,7 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explanations.saliency import check_target, saliency_from_gradient
+from explanations.saliency import (
+    check_target,
+    explained_scalar,
+    input_gradient,
+    saliency_from_gradient,
+    scalar_gradient,
+)
 
 METHODS: tuple[str, ...] = ("gradient", "grad_x_input", "smoothgrad", "integrated_gradients")
 
@@ -92,21 +98,6 @@ class Explanation:
     logits: Tensor
 
 
-def _scalar(logits: Tensor, labels: Tensor | None, target: str, classes: Tensor | None) -> Tensor:
-    if target == "loss":
-        if labels is None:
-            raise ValueError("target='loss' needs labels; pass labels or use target='logit'")
-        return F.cross_entropy(logits, labels, reduction="none")
-    if classes is None:
-        classes = logits.detach().argmax(dim=1)
-    return logits.gather(1, classes[:, None]).squeeze(1)
-
-
-def _grad(scalar: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
-    (g,) = torch.autograd.grad(scalar.sum(), inputs, create_graph=create_graph, allow_unused=True)
-    return torch.zeros_like(inputs) if g is None else g
-
-
 def _require_grad(x: Tensor) -> Tensor:
     return x if x.requires_grad else x.detach().requires_grad_(True)
 
@@ -115,9 +106,9 @@ def _gradient(
     model: nn.Module, x: Tensor, labels: Tensor | None, target: str, classes: Tensor | None,
     create_graph: bool,
 ) -> tuple[Tensor, Tensor]:
-    x = _require_grad(x)
-    logits = model(x)
-    return _grad(_scalar(logits, labels, target, classes), x, create_graph), logits
+    """(g(x), logits) from :func:`explanations.saliency.input_gradient`."""
+    out = input_gradient(model, x, labels, target, create_graph, classes)
+    return out.grad, out.logits
 
 
 def _repeat(t: Tensor | None, times: int) -> Tensor | None:
@@ -195,8 +186,8 @@ def explain_with_logits(
         logits = path_logits.view(steps, b, -1)[-1]
         if target == "logit" and classes is None:
             classes = logits.detach().argmax(dim=1)
-        scalar = _scalar(path_logits, _repeat(labels, steps), target, _repeat(classes, steps))
-        g = _grad(scalar, path, create_graph).view(steps, *x.shape).mean(0)
+        scalar = explained_scalar(path_logits, _repeat(labels, steps), target, _repeat(classes, steps))
+        g = scalar_gradient(scalar, path, create_graph).view(steps, *x.shape).mean(0)
         return Explanation(saliency_from_gradient(diff * g, pool), logits)
 
 

@@ -40,7 +40,7 @@ from explanations.regularizers import (
 )
 from explanations.saliency import (
     check_target,
-    explained_scalar,
+    input_gradient,
     num_features,
     resolve_k,
     saliency_from_gradient,
@@ -97,11 +97,9 @@ class _InputGradientObjective(Objective):
 
     def _forward(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = x.detach().requires_grad_(True)
-        logits = model(x)
-        ce_per_sample = F.cross_entropy(logits, y, reduction="none")
-        scalar = ce_per_sample if self.target == "loss" else explained_scalar(logits, y, self.target)
-        (grad,) = torch.autograd.grad(scalar.sum(), x, create_graph=True)
-        return x, logits, ce_per_sample.mean(), grad
+        out = input_gradient(model, x, y, self.target, create_graph=True)
+        ce_per_sample = out.scalar if self.target == "loss" else F.cross_entropy(out.logits, y, reduction="none")
+        return x, out.logits, ce_per_sample.mean(), out.grad
 
 
 class ThicknessSurrogate(_InputGradientObjective):

@@ -8,13 +8,17 @@ the caller's job (``callbacks.metrics`` wraps them as torchmetrics ``Metric`` ob
   s(x') restricted to the union T_k(x) ∪ T_k(x') (k to 2k features). NaN where undefined
   (constant values on the union).
 - :func:`prediction_flips`: 1.0 where the predicted class changed.
-- :func:`kept_pair_fraction`: the fraction of pairs (i in T, j not in T) with i ranked above j in
-  a saliency map, counted with one sort (O(n log n)), never with an n x n matrix. Ties break by
-  index, as in :func:`explanations.saliency.ranking`.
-- :func:`topk_thickness`: Monte-Carlo top-k thickness: x' uniform in the l_inf ball of radius eps
-  (clipped to [0, 1]), points x + (j/m)(x' - x) for j = 1..m, the kept-pair fraction w.r.t. the
-  clean top-k at each point, averaged over samples and points. 1 means the ranking of the top-k
-  block against the rest never changes in the ball.
+- :func:`kept_pair_fraction`: the fraction of pairs (i in T, j in O; O = not T by default) with
+  i ranked above j in a saliency map, counted with one sort (O(n log n)), never with an n x n
+  matrix. Ties break by index, as in :func:`explanations.saliency.ranking`.
+- :func:`topk_thickness` / :func:`thickness_estimates`: Monte-Carlo top-k thickness: x' uniform
+  in the l_inf ball of radius eps (clipped to [0, 1]), the kept-pair fraction w.r.t. the clean
+  top-k along the segment x + t (x' - x), integrated over t in [0, 1] by the trapezoid rule on
+  t = 0, 1/m, ..., 1, averaged over draws. Pair sets: ``all`` (top-k vs the rest) and
+  ``boundary`` (top-k vs the next k, the pairs that decide P@k). 1 means the ranking never
+  changes in the ball.
+
+Every metric is computed and returned in at least float32 (bf16 / fp16 saliency is upcast).
 - :func:`localization_share`: the share of the top-k saliency features that lie inside a
   ground-truth mask (synthetic data); with pooling a feature counts by the fraction of its pixels
   inside the mask; ``weighted=True`` weighs features by their saliency instead of counting them.
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explanations.attacks import uniform_in_ball
+from explanations.pgd import uniform_in_ball
 from explanations.explainers import eval_mode, explain_with_logits
 from explanations.saliency import num_features, ranking, resolve_k, topk_mask
 
@@ -36,6 +40,11 @@ CORRELATIONS: tuple[str, ...] = ("spearman", "kendall")
 
 # Pairwise work per chunk of the batch (elements of a (chunk, L, L) tensor).
 _PAIR_BUDGET = 1 << 24
+
+
+def metric_dtype(t: Tensor) -> torch.dtype:
+    """Metrics are computed and returned in at least float32 (bf16 / fp16 inputs are upcast)."""
+    return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
 
 
 def _check_pair(s_clean: Tensor, s_adv: Tensor) -> None:
@@ -51,7 +60,7 @@ def precision_at_k(s_clean: Tensor, s_adv: Tensor, k: int | float) -> Tensor:
     _check_pair(s_clean, s_adv)
     k = resolve_k(k, s_clean.shape[1])
     both = topk_mask(s_clean, k) & topk_mask(s_adv, k)
-    return both.sum(1).to(s_clean.dtype) / k
+    return both.sum(1).to(metric_dtype(s_clean)) / k
 
 
 def union_values(s_clean: Tensor, s_adv: Tensor, k: int | float) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,7 +125,7 @@ def rank_correlation(s_clean: Tensor, s_adv: Tensor, k: int | float, method: str
     fn = _spearman if method == "spearman" else _kendall
     chunk = max(1, _PAIR_BUDGET // max(1, a.shape[1] ** 2))
     out = torch.cat([fn(ca, cb, cv) for ca, cb, cv in zip(a.split(chunk), b.split(chunk), valid.split(chunk))])
-    return out.to(s_clean.dtype)
+    return out.to(metric_dtype(s_clean))
 
 
 def spearman_union(s_clean: Tensor, s_adv: Tensor, k: int | float) -> Tensor:
@@ -144,22 +153,105 @@ def flip_rate(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
     return prediction_flips(logits_clean, logits_adv).mean()
 
 
-def kept_pair_fraction(s: Tensor, top: Tensor) -> Tensor:
-    """Fraction of pairs (i in top, j not in top) with i ranked above j in s: (B, n), (B, n) -> (B,).
+def kept_pair_fraction(s: Tensor, top: Tensor, others: Tensor | None = None) -> Tensor:
+    """Fraction of pairs (i in top, j in others) with i ranked above j in s: (B, n) masks -> (B,).
 
-    One stable sort per row: walking the ranking, each top feature keeps its pairs with the non-top
-    features ranked after it. 1.0 when every top feature outranks every other; rows with no pairs
-    (top empty or full) give 1.0.
+    ``others`` defaults to every feature not in ``top`` (all pairs); the boundary variant passes
+    the next-k block. One stable sort per row: walking the ranking, each top feature keeps its
+    pairs with the ``others`` ranked after it. 1.0 when every top feature outranks every other;
+    rows with no pairs give 1.0. Computed in float64, returned in at least float32.
     """
     if s.shape != top.shape:
         raise ValueError(f"saliency {tuple(s.shape)} and top mask {tuple(top.shape)} differ in shape")
-    top_sorted = top.gather(1, ranking(s))
-    other = (~top_sorted).to(torch.int64)
+    others = ~top if others is None else others & ~top
+    order = ranking(s)
+    top_sorted = top.gather(1, order)
+    other = others.gather(1, order).to(torch.int64)
     others_after = other.sum(1, keepdim=True) - other.cumsum(1)
     kept = (others_after * top_sorted).sum(1)
-    pairs = top.sum(1) * (~top).sum(1)
+    pairs = top.sum(1) * others.sum(1)
     frac = kept.to(torch.float64) / pairs.clamp_min(1).to(torch.float64)
-    return torch.where(pairs > 0, frac, torch.ones_like(frac)).to(s.dtype if s.is_floating_point() else torch.float32)
+    return torch.where(pairs > 0, frac, torch.ones_like(frac)).to(metric_dtype(s))
+
+
+def next_block_mask(s: Tensor, k: int) -> Tensor:
+    """Boolean membership of the k features ranked right after the top-k (ranks k+1..2k): (B, n)."""
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    return mask.scatter_(1, ranking(s)[:, k : 2 * k], True)
+
+
+THICKNESS_PAIRS: tuple[str, ...] = ("all", "boundary")
+
+
+def thickness_estimates(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor | None,
+    k: int | float,
+    eps: float = 8 / 255,
+    num_samples: int = 8,
+    num_points: int = 4,
+    method: str = "gradient",
+    target: str = "loss",
+    pool: int | None = None,
+    ids: Tensor | None = None,
+    seed: int | None = 0,
+    method_kwargs: dict[str, Any] | None = None,
+    s_clean: Tensor | None = None,
+    classes: Tensor | None = None,
+    pairs: tuple[str, ...] = THICKNESS_PAIRS,
+) -> dict[str, Tensor]:
+    """Top-k thickness per sample (B,) for each pair set in ``pairs``, from one set of passes.
+
+    For end points x'_d = clip(x + U(-eps, eps)) (d = 1..S, counter-based on (seed, ids)) and
+    f_d(t) = kept-pair fraction of s(x + t (x'_d - x)) against the clean top-k, the estimate is
+    the trapezoid rule on t_j = j / m including t = 0, averaged over draws:
+    ``mean_d (1/m) [f_d(0)/2 + f_d(t_1) + ... + f_d(t_{m-1}) + f_d(1)/2]`` with f_d(0) = 1 (the
+    clean map keeps every pair). Pair sets: ``all`` = (top-k, every other feature), k(n-k)
+    pairs; ``boundary`` = (top-k, next k by the clean ranking), the k^2 pairs R2ET's gap term and
+    ERAttack work on. The model runs in eval mode (restored); the m points of one draw are one
+    batch of m * B images; the draws loop. ``s_clean`` (and ``classes`` for ``target='logit'``)
+    reuse a clean pass already made; it must come from the same method and settings.
+    """
+    unknown = [p for p in pairs if p not in THICKNESS_PAIRS]
+    if unknown or not pairs:
+        raise ValueError(f"pairs={pairs!r}: each must be one of {THICKNESS_PAIRS}")
+    if num_samples < 1 or num_points < 1:
+        raise ValueError(f"num_samples={num_samples} and num_points={num_points} must be >= 1")
+    method_kwargs = dict(method_kwargs or {})
+    b = x.shape[0]
+    x = x.detach()
+    kk = resolve_k(k, num_features(*x.shape[-2:], pool))
+    with eval_mode(model):
+        if s_clean is None or (target == "logit" and classes is None):
+            clean = explain_with_logits(model, x, labels, method, target, pool, **method_kwargs)
+            s0 = clean.saliency.detach() if s_clean is None else s_clean.detach()
+            classes = clean.logits.detach().argmax(1) if classes is None else classes
+        else:
+            s0 = s_clean.detach()
+        classes_rep = None if classes is None else classes.repeat(num_points)
+        top = topk_mask(s0, kk)
+        masks = {"all": None, "boundary": next_block_mask(s0, kk)}
+        others_rep = {p: None if masks[p] is None else masks[p].repeat(num_points, 1) for p in pairs}
+        # trapezoid weights of t_1..t_m (t_0 = 0 adds 1/2 * f(0) = 1/2)
+        weights = torch.ones(num_points, dtype=torch.float64, device=x.device)
+        weights[-1] = 0.5
+        totals = {p: torch.zeros(b, dtype=torch.float64, device=x.device) for p in pairs}
+        ts = torch.arange(1, num_points + 1, dtype=x.dtype, device=x.device).div_(num_points)
+        top_rep = top.repeat(num_points, 1)
+        labels_rep = None if labels is None else labels.repeat(num_points)
+        for draw in range(num_samples):
+            end = uniform_in_ball(x, eps, ids, seed, stream=1000 + draw)
+            points = (x.unsqueeze(0) + ts.view(-1, 1, 1, 1, 1) * (end - x).unsqueeze(0)).reshape(-1, *x.shape[1:])
+            s = explain_with_logits(
+                model, points, labels_rep, method, target, pool, classes=classes_rep,
+                **method_kwargs,
+            ).saliency.detach()
+            for p in pairs:
+                f = kept_pair_fraction(s, top_rep, others_rep[p]).view(num_points, b).double()
+                totals[p] += 0.5 + (weights.view(-1, 1) * f).sum(0)
+    out_dtype = metric_dtype(x)
+    return {p: (totals[p] / (num_samples * num_points)).to(out_dtype) for p in pairs}
 
 
 def topk_thickness(
@@ -178,43 +270,16 @@ def topk_thickness(
     method_kwargs: dict[str, Any] | None = None,
     s_clean: Tensor | None = None,
     classes: Tensor | None = None,
+    pairs: str = "all",
 ) -> Tensor:
-    """Monte-Carlo top-k thickness per sample (B,) (see the module docstring).
-
-    The model runs in eval mode (restored afterwards). The end points x' are counter-based noise
-    keyed by (seed, ids) (ids default 0..B-1), so the estimate of a sample does not depend on its
-    batch. The m points of one draw are evaluated in one batch of m * B images; the draws loop.
-    ``s_clean`` (and ``classes``, the predicted classes, for ``target='logit'``): the clean
-    saliency if already computed (saves one pass).
-    """
-    if num_samples < 1 or num_points < 1:
-        raise ValueError(f"num_samples={num_samples} and num_points={num_points} must be >= 1")
-    method_kwargs = dict(method_kwargs or {})
-    b = x.shape[0]
-    x = x.detach()
-    kk = resolve_k(k, num_features(*x.shape[-2:], pool))
-    with eval_mode(model):
-        if s_clean is None or (target == "logit" and classes is None):
-            clean = explain_with_logits(model, x, labels, method, target, pool, **method_kwargs)
-            s0 = clean.saliency.detach() if s_clean is None else s_clean.detach()
-            classes = clean.logits.detach().argmax(1) if classes is None else classes
-        else:
-            s0 = s_clean.detach()
-        classes_rep = None if classes is None else classes.repeat(num_points)
-        top = topk_mask(s0, kk)
-        total = torch.zeros(b, dtype=torch.float64, device=x.device)
-        ts = torch.arange(1, num_points + 1, dtype=x.dtype, device=x.device).div_(num_points)
-        top_rep = top.repeat(num_points, 1)
-        labels_rep = None if labels is None else labels.repeat(num_points)
-        for draw in range(num_samples):
-            end = uniform_in_ball(x, eps, ids, seed, stream=1000 + draw)
-            points = (x.unsqueeze(0) + ts.view(-1, 1, 1, 1, 1) * (end - x).unsqueeze(0)).reshape(-1, *x.shape[1:])
-            s = explain_with_logits(
-                model, points, labels_rep, method, target, pool, classes=classes_rep,
-                **method_kwargs,
-            ).saliency.detach()
-            total += kept_pair_fraction(s, top_rep).view(num_points, b).double().sum(0)
-    return (total / (num_samples * num_points)).to(x.dtype)
+    """Top-k thickness per sample (B,) on one pair set (``all`` or ``boundary``); see
+    :func:`thickness_estimates` (trapezoid rule including t = 0)."""
+    if pairs not in THICKNESS_PAIRS:
+        raise ValueError(f"pairs={pairs!r} is not known; valid: {THICKNESS_PAIRS}")
+    return thickness_estimates(
+        model, x, labels, k, eps, num_samples, num_points, method, target, pool, ids, seed,
+        method_kwargs, s_clean, classes, (pairs,),
+    )[pairs]
 
 
 def localization_share(

@@ -37,27 +37,33 @@ def default_minmax_m(k: int) -> int:
     return max(1, k // 4)
 
 
-def gap_term(s: Tensor, k: int, pair_set: str = "boundary", m: int | None = None) -> Tensor:
-    """R_G per sample (B,) for saliency s (B, n); differentiable in s, ranking detached."""
+def block_gap(s: Tensor, order: Tensor, k: int, pair_set: str = "boundary", m: int | None = None) -> Tensor:
+    """Top-k block minus the block it competes with, per sample (B,), under a given order (B, n).
+
+    With ranked = s gathered by ``order``: ``boundary`` sum_{r<=k} - sum_{k<r<=2k}; ``all``
+    mean_{r<=k} - mean_{r>k}; ``minmax`` sum_{k-m<r<=k} - sum_{k<r<=k+m}. Missing features after
+    the top-k block count as zero. The one gap implementation: R_G (:func:`gap_term`, order from
+    s itself) and ERAttack's objective (order frozen at the clean image) both call it.
+    """
     check_pair_set(pair_set)
     n = s.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is out of range for {n} features: valid is 1..{n}")
-    order = ranking(s.detach())
     ranked = s.gather(1, order)
     if pair_set == "boundary":
-        top = ranked[:, :k].sum(1)
-        rest = ranked[:, k : 2 * k].sum(1)
-    elif pair_set == "all":
+        return ranked[:, :k].sum(1) - ranked[:, k : 2 * k].sum(1)
+    if pair_set == "all":
         top = ranked[:, :k].mean(1)
-        rest = ranked[:, k:].mean(1) if k < n else torch.zeros_like(top)
-    else:
-        m = default_minmax_m(k) if m is None else m
-        if not 1 <= m <= k:
-            raise ValueError(f"minmax m={m} must be in 1..k={k}")
-        top = ranked[:, k - m : k].sum(1)
-        rest = ranked[:, k : k + m].sum(1)
-    return -(top - rest)
+        return top - (ranked[:, k:].mean(1) if k < n else torch.zeros_like(top))
+    m = default_minmax_m(k) if m is None else m
+    if not 1 <= m <= k:
+        raise ValueError(f"minmax m={m} must be in 1..k={k}")
+    return ranked[:, k - m : k].sum(1) - ranked[:, k : k + m].sum(1)
+
+
+def gap_term(s: Tensor, k: int, pair_set: str = "boundary", m: int | None = None) -> Tensor:
+    """R_G per sample (B,) for saliency s (B, n): -block_gap under s's own detached order."""
+    return -block_gap(s, ranking(s.detach()), k, pair_set, m)
 
 
 @contextlib.contextmanager

@@ -44,15 +44,19 @@ def resolve_k(k: int | float, n: int) -> int:
     return count
 
 
-def explained_scalar(logits: Tensor, labels: Tensor | None, target: str = "loss") -> Tensor:
-    """Per-sample scalar l (B,): cross-entropy with the label, or the logit of the predicted class."""
+def explained_scalar(
+    logits: Tensor, labels: Tensor | None, target: str = "loss", classes: Tensor | None = None
+) -> Tensor:
+    """Per-sample scalar l (B,): cross-entropy with the label, or the logit of ``classes``
+    (default: the class predicted from ``logits``)."""
     check_target(target)
     if target == "loss":
         if labels is None:
             raise ValueError("target='loss' needs labels; pass labels or use target='logit'")
         return F.cross_entropy(logits, labels, reduction="none")
-    pred = logits.detach().argmax(dim=1, keepdim=True)
-    return logits.gather(1, pred).squeeze(1)
+    if classes is None:
+        classes = logits.detach().argmax(dim=1)
+    return logits.gather(1, classes[:, None]).squeeze(1)
 
 
 @dataclass
@@ -73,19 +77,30 @@ def input_gradient(
     labels: Tensor | None = None,
     target: str = "loss",
     create_graph: bool = False,
+    classes: Tensor | None = None,
 ) -> InputGradient:
     """g(x) = d l / d x for a batch, via ``torch.autograd.grad`` (parameter ``.grad`` untouched).
 
-    With ``create_graph=True`` the gradient is part of the graph (double backprop: regularizers,
-    attacks). The caller decides the model's mode; the analysis helpers use eval mode.
+    The one input-gradient helper (explainers, objectives and regularizers call it). ``x`` is
+    used as given when it already requires grad (so callers can differentiate through it), else
+    a detached leaf. ``classes`` (B,): the class explained for ``target='logit'``. With
+    ``create_graph=True`` the gradient is part of the graph (double backprop: regularizers,
+    attacks). An input the scalar does not depend on gets a zero gradient. The caller decides
+    the model's mode; the analysis helpers use eval mode.
     """
     with torch.enable_grad():
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         logits = model(x)
-        scalar = explained_scalar(logits, labels, target)
-        (grad,) = torch.autograd.grad(scalar.sum(), x, create_graph=create_graph)
+        scalar = explained_scalar(logits, labels, target, classes)
+        grad = scalar_gradient(scalar, x, create_graph)
     return InputGradient(grad=grad, logits=logits, scalar=scalar)
+
+
+def scalar_gradient(scalar: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
+    """d sum_i scalar_i / d x (zeros where x is unused), via ``torch.autograd.grad`` on x only."""
+    (grad,) = torch.autograd.grad(scalar.sum(), x, create_graph=create_graph, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
 
 
 def saliency_from_gradient(grad: Tensor, pool: int | None = None) -> Tensor:

@@ -23,7 +23,8 @@ Targets come from a rule (or are given):
 
 Conventions (DESIGN §3): the model runs in eval mode (each module's previous mode is restored),
 inside ``torch.enable_grad()``, and gradients are taken with ``torch.autograd.grad(..., inputs=)``,
-so parameter ``.grad`` is never written.
+so parameter ``.grad`` is never written. Projection and random start come from
+:mod:`explanations.pgd` (offset form).
 """
 
 from __future__ import annotations
@@ -34,15 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from explanations.explainers import eval_mode
+from explanations.pgd import NORMS, check_norm, per_sample_norm
+from explanations.pgd import project_delta as project
+from explanations.pgd import random_start
 
-NORMS: tuple[str, ...] = ("linf", "l2")
 TARGET_RULES: tuple[str, ...] = ("random", "least_likely", "second_likely")
-
-
-def check_norm(norm: str) -> None:
-    """Raise a clear error for an unknown perturbation norm."""
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is not a known perturbation norm; valid: {NORMS}")
 
 
 def check_target_rule(rule: str) -> None:
@@ -85,36 +82,6 @@ def cw_margin(logits: Tensor, targets: Tensor) -> Tensor:
     is_target = nn.functional.one_hot(targets, logits.shape[1]).bool()
     other = logits.masked_fill(is_target, float("-inf")).amax(dim=1)
     return other - logits.gather(1, targets[:, None]).squeeze(1)
-
-
-def _per_sample_norm(t: Tensor, norm: str) -> Tensor:
-    """||t_i||_p per sample (B,) for t (B, ...)."""
-    flat = t.flatten(1)
-    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
-
-
-def project(delta: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Project delta onto the eps ball of ``norm``, then clip so that x + delta lies in [0, 1]."""
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        scale = (eps / _per_sample_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
-        delta = delta * scale.view(-1, *([1] * (delta.dim() - 1)))
-    return (x + delta).clamp(0.0, 1.0) - x
-
-
-def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> Tensor:
-    """A uniform random point of the eps ball (l_inf: uniform cube; l2: uniform ball), clipped."""
-    shape = x.shape
-    if norm == "linf":
-        delta = (torch.rand(shape, generator=generator) * 2 - 1) * eps
-    else:
-        direction = torch.randn(shape, generator=generator)
-        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        d = direction[0].numel()
-        radius = eps * torch.rand(shape[0], generator=generator) ** (1.0 / d)
-        delta = direction * radius.view(-1, *([1] * (x.dim() - 1)))
-    return project(delta.to(x.device, x.dtype), x, eps, norm)
 
 
 @dataclass
@@ -204,7 +171,7 @@ def targeted_pgd(
             if norm == "linf":
                 step = grad.sign()
             else:
-                step = grad / _per_sample_norm(grad, "l2").clamp_min(1e-12).view(view)
+                step = grad / per_sample_norm(grad, "l2").clamp_min(1e-12).view(view)
             rows = rows[keep]
             new = project(ds[keep] - alpha * step, xs[keep], eps, norm)
             delta = delta.detach().index_copy(0, rows, new.detach())
@@ -225,4 +192,4 @@ def targeted_pgd(
 def perturbation_norm(delta: Tensor, norm: str) -> Tensor:
     """||delta_i||_p per sample (B,), p = inf or 2."""
     check_norm(norm)
-    return _per_sample_norm(delta, norm)
+    return per_sample_norm(delta, norm)

@@ -13,6 +13,7 @@ from explanations.ranking_metrics import (
     precision_at_k,
     prediction_flips,
     rank_correlation,
+    thickness_estimates,
     topk_thickness,
     union_values,
 )
@@ -172,3 +173,86 @@ def test_localization_share():
     torch.testing.assert_close(localization_share(s4, m4, 2, pool=2), torch.tensor([0.75]))
     with pytest.raises(ValueError, match="features"):
         localization_share(s4, m4, 2)
+
+
+# ------------------------------------------------------------------ trapezoid and boundary thickness
+class Quadratic(nn.Module):
+    """Logit 0 = 0.5 * sum_p w_p x_p^2 on a one-channel image: saliency s_p = |w_p x_p|."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone(), requires_grad=False)
+
+    def forward(self, x):
+        z = 0.5 * (self.w * x.pow(2).sum(1)).flatten(1).sum(1)
+        return torch.stack([z, torch.zeros_like(z)], 1)
+
+
+def _brute_thickness(model, x, k, eps, num_samples, num_points, seed, ids, pairs):
+    from explanations.explainers import explain
+    from explanations.pgd import uniform_in_ball
+    from explanations.saliency import ranking
+
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+        s0 = explain(model, xi, None, target="logit")[0].tolist()
+        order0 = sorted(range(len(s0)), key=lambda p: (-s0[p], p))
+        top = order0[:k]
+        others = order0[k:] if pairs == "all" else order0[k : 2 * k]
+        total = 0.0
+        for draw in range(num_samples):
+            end = uniform_in_ball(xi, eps, ids[i : i + 1], seed, stream=1000 + draw)
+            f = []
+            for j in range(num_points + 1):
+                point = xi + (j / num_points) * (end - xi)
+                pos = {p: r for r, p in enumerate(ranking(explain(model, point, None, target="logit"))[0].tolist())}
+                kept = sum(pos[a] < pos[b] for a in top for b in others)
+                f.append(kept / (len(top) * len(others)))
+            total += sum((f[j] + f[j + 1]) / 2 for j in range(num_points)) / num_points
+        out.append(total / num_samples)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("pairs", ["all", "boundary"])
+def test_trapezoid_thickness_equals_a_brute_force_loop(pairs):
+    g = torch.Generator().manual_seed(3)
+    model = Quadratic(torch.rand(1, 4, 4, generator=g, dtype=torch.float64) + 0.5)
+    x = 0.5 + 0.05 * torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    ids = torch.tensor([4, 0, 9])
+    kw = dict(k=3, eps=0.1, num_samples=2, num_points=3, seed=7)
+    got = topk_thickness(model, x, None, target="logit", ids=ids, pairs=pairs, **kw)
+    want = _brute_thickness(model, x, ids=ids, pairs=pairs, **kw)
+    torch.testing.assert_close(got, want)
+    assert (want < 1).any()  # the case is not trivially 1
+
+
+def test_boundary_thickness_separates_a_fragile_from_a_robust_model():
+    n, k = 64, 8
+    x = torch.full((4, 1, 8, 8), 0.5, dtype=torch.float64)
+    x += 0.02 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # fragile: weights fall off slowly, so ranks k and k+1 are close; robust: a wide gap after rank k
+    fragile = Quadratic(torch.linspace(1.0, 0.85, n, dtype=torch.float64).view(1, 8, 8))
+    robust_w = torch.linspace(1.0, 0.85, n, dtype=torch.float64)
+    robust_w[:k] += 1.0
+    robust = Quadratic(robust_w.view(1, 8, 8))
+    kw = dict(k=k, eps=8 / 255, num_samples=4, num_points=4, target="logit")
+    est = {name: thickness_estimates(m, x, None, **kw) for name, m in (("fragile", fragile), ("robust", robust))}
+    f_b, r_b = est["fragile"]["boundary"].mean(), est["robust"]["boundary"].mean()
+    f_a, r_a = est["fragile"]["all"].mean(), est["robust"]["all"].mean()
+    assert r_b == 1.0 and r_a == 1.0
+    assert f_b < r_b - 0.15, (f_b, r_b)
+    assert (r_b - f_b) > 3 * (r_a - f_a), (f_b, f_a)  # the boundary pairs carry the difference
+    torch.testing.assert_close(est["fragile"]["all"], topk_thickness(fragile, x, None, pairs="all", **kw))
+    with pytest.raises(ValueError, match="pairs"):
+        topk_thickness(fragile, x, None, pairs="next", **kw)
+
+
+def test_metrics_compute_in_float32_for_bf16_inputs():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 20, generator=g).bfloat16()
+    b = (a.float() + 0.1 * torch.rand(3, 20, generator=g)).bfloat16()
+    assert precision_at_k(a, b, 5).dtype == torch.float32
+    assert rank_correlation(a, b, 5).dtype == torch.float32
+    assert kept_pair_fraction(a, topk_mask(a, 5)).dtype == torch.float32
+    torch.testing.assert_close(precision_at_k(a, b, 5), precision_at_k(a.float(), b.float(), 5))

@@ -110,3 +110,17 @@ def test_unit_sign_direction_has_unit_length():
     g = torch.randn(4, 3, 5, 5)
     u = unit_sign_direction(g)
     torch.testing.assert_close(u.flatten(1).norm(dim=1), torch.ones(4))
+
+
+def test_input_gradient_explains_given_classes_and_returns_zero_for_unused_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(4, 3, 2, 2)
+    classes = torch.tensor([2, 0, 1, 2])
+    out = input_gradient(model, x, None, "logit", classes=classes)
+    torch.testing.assert_close(out.grad, model[1].weight[classes].view(4, 3, 2, 2))
+    torch.testing.assert_close(out.scalar, out.logits.gather(1, classes[:, None]).squeeze(1))
+    ce = input_gradient(model, x, classes, "loss")
+    torch.testing.assert_close(ce.scalar, F.cross_entropy(model(x), classes, reduction="none"))
+    const = input_gradient(lambda t: torch.zeros(t.shape[0], 3, requires_grad=True), x, None, "logit")
+    assert torch.equal(const.grad, torch.zeros_like(x))
