@@ -18,11 +18,11 @@ plus the per-image **worst case** over the ensemble: at eps_j it is the (attack,
 result with the lowest P@k (a smaller ball lies inside the larger one), so the worst-case P@k of
 an image never increases with eps and is at most every single attack's, noise included. Ties
 keep the earlier eps, then the earlier attack of the list; the other metrics of the worst case
-are those of the chosen result. Thickness (``all_pairs`` and, where
-``ranking_metrics.topk_thickness`` offers it, ``boundary``) is measured at ``thickness_eps``
-(default: the largest eps).
+are those of the chosen result. Thickness (``all_pairs`` and ``boundary``,
+``ranking_metrics.thickness_estimates``) is measured at ``thickness_eps`` (default: the largest eps).
 
-Randomness is keyed by (seed, id): attack starts, the noise baseline (stream ``NOISE_STREAM``),
+Randomness is keyed by (seed, id): attack starts, the noise baseline (``attacks.UniformNoise``,
+stream ``NOISE_STREAM``),
 thickness end points, and the PSE target draws (:func:`pse_target_uniform`), so batches, DDP
 shards and the three callers agree sample for sample.
 
@@ -32,7 +32,6 @@ tensors (N,)); :func:`summary` turns their means into the JSON report.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -43,25 +42,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from explanations.attacks import ATTACKS, build_attack, uniform_in_ball
+from explanations.attacks import ATTACKS, NOISE_STREAM, UniformNoise, build_attack
 from explanations.explainers import check_method, eval_mode, explain_with_logits, seeded_uniform
 from explanations.ranking_metrics import (
     CORRELATIONS,
     localization_share,
     precision_at_k,
     rank_correlation,
-    topk_thickness,
+    thickness_estimates,
 )
 from explanations.regularizers import check_pair_set
 from explanations.saliency import check_target, num_features, resolve_k
 
 NOISE = "noise"
 WORST = "worst"
-NOISE_STREAM = 500  # seeded_uniform stream of the uniform-noise baseline
 PSE_TARGET_STREAM = 611  # seeded_uniform stream of the PSE ``random`` target rule
 DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 DEFAULT_ENSEMBLE: tuple[dict[str, Any], ...] = (
-    {"name": "er"},
+    {"name": "er", "kwargs": {"surrogate_beta": None}},
     {"name": "er_surrogate", "attack": "er", "kwargs": {"surrogate_beta": "auto"}},
     {"name": "mse"},
     {"name": NOISE},
@@ -73,11 +71,6 @@ _SPEC_KEYS = {"name", "attack", "kwargs"}
 def pse_target_uniform(ids: Tensor, seed: int) -> Tensor:
     """The PSE ``random`` target draw per sample (B,) float64 in (0, 1), keyed by (seed, id)."""
     return seeded_uniform(ids, (), seed, PSE_TARGET_STREAM, torch.float64)
-
-
-def noise_images(x: Tensor, eps: float, ids: Tensor, seed: int) -> Tensor:
-    """The noise baseline: x + U(-eps, eps) per pixel, clipped to [0, 1], keyed by (seed, id)."""
-    return uniform_in_ball(x, eps, ids, seed, stream=NOISE_STREAM)
 
 
 def eps_label(eps: float) -> str:
@@ -122,8 +115,6 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
         if name == WORST:
             raise ValueError(f"attack name {WORST!r} is reserved for the worst case over the ensemble")
         kwargs = dict(item.get("kwargs") or {})
-        if kind == NOISE and kwargs:
-            raise ValueError(f"the noise baseline takes no kwargs, got {kwargs}")
         specs.append(AttackSpec(name, kind, kwargs))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -135,10 +126,6 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
     if not specs:
         raise ValueError("the attack ensemble is empty: give at least one attack or keep the noise baseline")
     return specs
-
-
-def _thickness_pairs_supported() -> bool:
-    return "pairs" in inspect.signature(topk_thickness).parameters
 
 
 def _resolve_surrogate(model: nn.Module, value: Any, example: Tensor | None) -> float | None:
@@ -210,7 +197,9 @@ class EvaluationProtocol:
     Args:
         eps: l_inf budgets in pixel units (default 1, 2, 4, 8 /255); sorted ascending.
         attacks: ensemble members: names (``er``, ``mse``, ``noise``) or dicts ``{name, attack,
-            kwargs}``; None = ERAttack, ERAttack with ``surrogate_beta: auto``, MSEAttack, noise.
+            kwargs}`` (kwargs of the attack class, e.g. ``steps``, ``restarts``, ``surrogate_beta``;
+            ``draws`` for noise); None = ERAttack without surrogate, ERAttack with
+            ``surrogate_beta: auto``, MSEAttack, noise.
             ``surrogate_beta: auto`` resolves per model (explanations.activations); a member whose
             auto surrogate is None (a smooth model) is dropped with a note, since it would equal
             the same attack without one.
@@ -330,15 +319,16 @@ class EvaluationProtocol:
                     continue
                 kwargs["surrogate_beta"] = beta
             resolved = AttackSpec(spec.name, spec.attack, kwargs)
-            if spec.attack != NOISE:
-                self._build(resolved, model, self.methods[0], self.eps[-1])  # validates the kwargs
+            self._build(resolved, model, self.methods[0], self.eps[-1])  # validates the kwargs
             specs.append(resolved)
-        if self.thickness and not _thickness_pairs_supported():
-            notes.append("boundary thickness not computed: ranking_metrics.topk_thickness has no `pairs` option here")
         self._prepared = (id(model), specs, notes)
         return specs, notes
 
     def _build(self, spec: AttackSpec, model: nn.Module, method: str, eps: float):
+        if spec.attack == NOISE:
+            return UniformNoise(model, eps=eps, seed=self.seed, k=self.k, method=method,
+                                method_kwargs=self.method_kwargs.get(method) or None, target=self.target,
+                                pool=self.pool, **spec.kwargs)
         kwargs = dict(
             eps=eps, steps=self.steps, k=self.k, pair_set=self.pair_set, method=method,
             method_kwargs=self.method_kwargs.get(method) or None, target=self.target, pool=self.pool,
@@ -359,12 +349,9 @@ class EvaluationProtocol:
             if has_mask and self.localization:
                 out.append(f"localization/clean/{method}")
             if self.thickness:
-                out += [f"thickness/{p}/{method}" for p in self._thickness_pairs()]
+                out += [f"thickness/{p}/{method}" for p in THICKNESS_PAIRS]
             out += [f"{m}/{src}/{method}/{eps_tag(e)}" for m in metrics for src in sources for e in self.eps]
         return sorted(out)
-
-    def _thickness_pairs(self) -> list[str]:
-        return list(THICKNESS_PAIRS) if _thickness_pairs_supported() else ["all_pairs"]
 
     # ------------------------------------------------------------------ the evaluation
     def evaluate_batch(
@@ -389,21 +376,19 @@ class EvaluationProtocol:
                 if mask is not None and self.localization:
                     values[f"localization/clean/{method}"] = localization_share(s0, mask, self.k, self.pool)
                 if self.thickness:
-                    for pairs in self._thickness_pairs():
-                        extra = {"pairs": "all" if pairs == "all_pairs" else "boundary"} if _thickness_pairs_supported() else {}
-                        values[f"thickness/{pairs}/{method}"] = topk_thickness(
-                            model, x, y, self.k, self.thickness_eps, self.thickness_samples, self.thickness_points,
-                            method, self.target, self.pool, ids, self.seed, mkw, s_clean=s0, classes=pred0, **extra,
-                        ).detach()
+                    thick = thickness_estimates(
+                        model, x, y, self.k, self.thickness_eps, self.thickness_samples, self.thickness_points,
+                        method, self.target, self.pool, ids, self.seed, mkw, s_clean=s0, classes=pred0,
+                        pairs=("all", "boundary"),
+                    )
+                    values[f"thickness/all_pairs/{method}"] = thick["all"].detach()
+                    values[f"thickness/boundary/{method}"] = thick["boundary"].detach()
                 worst: dict[str, Tensor] | None = None
                 worst_img: dict[str, Any] | None = None
                 for eps in self.eps:
                     tag = eps_tag(eps)
                     for spec in specs:
-                        if spec.attack == NOISE:
-                            x_adv = noise_images(x, eps, ids, self.seed)
-                        else:
-                            x_adv = self._build(spec, model, method, eps)(x, y, ids=ids).detach()
+                        x_adv = self._build(spec, model, method, eps)(x, y, ids=ids).detach()
                         adv = explain_with_logits(model, x_adv, y, method, self.target, self.pool, classes=classes, **mkw)
                         s_adv = adv.saliency.detach()
                         row = {"p_at_k": precision_at_k(s0, s_adv, self.k),

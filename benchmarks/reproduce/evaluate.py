@@ -111,7 +111,7 @@ class Evaluator:
     ) -> dict[str, Any]:
         """The attack, plus (ReLU models) its surrogate version; the per-sample worst case of the
         two (the protocol's ``worst``). Per-sample P@k, Spearman, Kendall, prediction flips."""
-        attacks: list[Any] = [name]
+        attacks: list[Any] = [{"name": name, "kwargs": {"surrogate_beta": None}}]
         surrogate = self.relu and name in self.cfg.relu_surrogate
         if surrogate:
             attacks.append({"name": f"{name}_surrogate", "attack": name,

@@ -44,7 +44,7 @@ def test_study_and_callbacks_give_identical_numbers(tmp_path):
     cfg = EvalConfig(batch_size=4, eps=eps, surrogate_beta=10.0, pse_steps=3, pse_group_size=8,
                      thickness_samples=1, thickness_points=2, seed=0)
     rr = RankingRobustness(num_samples=9, batch_size=4, eps=[eps], steps=2, k=16,
-                           attacks=["er", {"name": "er_surrogate", "attack": "er", "kwargs": {"surrogate_beta": 10.0}}],
+                           attacks=[{"name": "er", "kwargs": {"surrogate_beta": None}}, {"name": "er_surrogate", "attack": "er", "kwargs": {"surrogate_beta": 10.0}}],
                            thickness_samples=1, thickness_points=2, log_images=False, correlations=True)
     pse = PSEAnalysis(num_samples=9, batch_size=4, eps=eps, steps=3, group_size=8,
                       log_table=False, log_chart=False)

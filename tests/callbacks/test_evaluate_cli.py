@@ -56,7 +56,7 @@ def test_standalone_evaluation_writes_the_report_with_the_protocols_numbers(tmp_
         assert report["p_at_k"]["worst"][e] <= min(report["p_at_k"][s][e] for s in ("er", "mse", "noise"))
     assert report["p_at_k"]["worst"]["8/255"] <= report["p_at_k"]["worst"]["2/255"]
     assert set(report["thickness"]) == {"all_pairs", "boundary"}
-    assert 0.5 < report["thickness"]["all_pairs"] <= 1.0
+    assert 0.5 < report["thickness"]["all_pairs"] <= 1.0 and 0.0 <= report["thickness"]["boundary"] <= 1.0
     assert "| worst |" in (folder / "robustness_report.md").read_text()
     for name in ("p_at_k_vs_eps.png", "thickness.png", "saliency_gradient.png"):
         png = np.asarray(Image.open(folder / name).convert("RGB"))

@@ -109,8 +109,9 @@ def test_settings_are_refused_with_the_value_and_the_choices():
         parse_attacks(["pgd"])
     with pytest.raises(ValueError, match="reserved"):
         parse_attacks([{"name": "worst", "attack": "er"}])
-    with pytest.raises(ValueError, match="noise baseline takes no kwargs"):
-        parse_attacks([{"name": "noise", "kwargs": {"steps": 2}}])
+    with pytest.raises(TypeError, match="steps"):
+        EvaluationProtocol(attacks=[{"name": "noise", "kwargs": {"steps": 2}}], k=10).prepare(
+            nn.Sequential(nn.Flatten(), nn.Linear(3 * 144, 3)), torch.rand(1, 3, 12, 12))
     with pytest.raises(ValueError, match="lists a budget twice"):
         EvaluationProtocol(eps=[2 / 255, 2 / 255])
     with pytest.raises(ValueError, match=r"k=200 is out of range for 144 features"):
