@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ class EvaluationResult:
     ids: Tensor
     notes: list[str] = field(default_factory=list)
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per attack (all eps, methods)
 
     @property
     def num_images(self) -> int:
@@ -165,10 +167,13 @@ class EvaluationResult:
         keys = list(parts[0].values)
         values = {k: torch.cat([p.values[k] for p in parts]) for k in keys}
         images: dict[str, dict[str, Any]] = {}
+        seconds: dict[str, float] = {}
         for p in parts:
             for method, item in p.images.items():
                 images.setdefault(method, item)
-        return EvaluationResult(values, torch.cat([p.ids for p in parts]), list(parts[0].notes), images)
+            for name, sec in p.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + sec
+        return EvaluationResult(values, torch.cat([p.ids for p in parts]), list(parts[0].notes), images, seconds)
 
 
 def sums_and_counts(values: dict[str, Tensor], keys: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
@@ -364,6 +369,7 @@ class EvaluationProtocol:
         x, ids = x.detach(), ids.to(x.device)
         values: dict[str, Tensor] = {}
         images: dict[str, dict[str, Any]] = {}
+        seconds: dict[str, float] = {spec.name: 0.0 for spec in specs}
         keep = min(int(keep_images), x.shape[0])
         with torch.enable_grad(), eval_mode(model):
             for m_idx, method in enumerate(self.methods):
@@ -388,8 +394,10 @@ class EvaluationProtocol:
                 for eps in self.eps:
                     tag = eps_tag(eps)
                     for spec in specs:
+                        start = time.perf_counter()
                         x_adv = self._build(spec, model, method, eps)(x, y, ids=ids).detach()
                         adv = explain_with_logits(model, x_adv, y, method, self.target, self.pool, classes=classes, **mkw)
+                        seconds[spec.name] += time.perf_counter() - start
                         s_adv = adv.saliency.detach()
                         row = {"p_at_k": precision_at_k(s0, s_adv, self.k),
                                "flip_rate": (adv.logits.detach().argmax(1) != pred0).float()}
@@ -422,7 +430,7 @@ class EvaluationProtocol:
                                           s_adv=worst_img["s_adv"].cpu(), source=worst_img["source"],
                                           ids=ids[:keep].cpu(), eps=self.eps[-1])
         values = {k: v.detach().float().cpu() for k, v in values.items()}
-        return EvaluationResult(values, ids.detach().cpu(), list(notes), images)
+        return EvaluationResult(values, ids.detach().cpu(), list(notes), images, seconds)
 
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None,
                  keep_images: int = 0, progress=None) -> EvaluationResult:
