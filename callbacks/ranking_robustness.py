@@ -133,6 +133,7 @@ class RankingRobustness(EvaluationCallback):
         self.last_report: dict[str, Any] | None = None
         self.last_report_paths: list[Path] = []
         self.evaluated_epochs: list[int] = []
+        self._config_logged = False
 
     # ------------------------------------------------------------------ settings
     def _model_settings(self, pl_module: L.LightningModule | None) -> dict[str, Any]:
@@ -251,9 +252,13 @@ class RankingRobustness(EvaluationCallback):
                 payload[f"{PREFIX}report/{path.stem}"] = wandb.Image(str(path))
         for logger in loggers:
             try:
+                if not self._config_logged:  # the evaluation settings in the run config, once
+                    logger.experiment.config.update({"callbacks/RankingRobustness": self.settings()},
+                                                    allow_val_change=True)
                 logger.experiment.log({**payload, "trainer/global_step": step})
             except Exception as exc:  # a dashboard extra must never kill a run
                 log.warning("RankingRobustness: could not log to W&B: %s", exc)
+        self._config_logged = True
 
 
 __all__ = ["RankingRobustness", "WORST"]

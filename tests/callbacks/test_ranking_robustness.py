@@ -272,6 +272,7 @@ def test_wandb_offline_saliency_png_has_real_colours(tmp_path):
         t = trainer(tmp_path, cb, logger=logger)
         t.validate(module, datamodule=dm, verbose=False)
         run_dir = Path(logger.experiment.dir)
+        run_config = dict(logger.experiment.config)
         wandb.finish()
     finally:
         os.environ["WANDB_MODE"] = "disabled"
@@ -286,4 +287,12 @@ def test_wandb_offline_saliency_png_has_real_colours(tmp_path):
     expected = (F.interpolate(x[None], scale_factor=5, mode="nearest")[0] * 255).round()
     assert tile.max() > 100 and (tile[0] - tile[1]).abs().max() > 30  # bright, colourful: not zeros, not grey
     assert (tile - expected).abs().max() <= 1.0
-    assert any(run_dir.glob("media/**/*.table.json")) or any(run_dir.rglob("*p_at_k*"))
+    assert any(run_dir.rglob("*p_at_k_table*")) and any(run_dir.rglob("*p_at_k_vs_eps*"))
+    settings = run_config["callbacks/RankingRobustness"]  # the evaluation settings in the run config
+    assert settings["eps"] == ["8/255"] and settings["num_samples"] == 10 and settings["steps"] == 2
+
+
+def test_progress_is_shown_while_the_evaluation_runs(tmp_path, capsys):
+    t = trainer(tmp_path, callback(eps=[8 / 255]), enable_progress_bar=True)
+    t.validate(TinyModule(), datamodule=TinyDataModule(), verbose=False)
+    assert "RankingRobustness (validate)" in capsys.readouterr().err
