@@ -15,7 +15,9 @@ Models:
 
 Each model: a class-balanced seeded subset of ``--num-images`` images (``callbacks._eval_subset``),
 k = ``--k``, target ``loss``, gradient saliency, ``--steps`` steps at each eps. JSON:
-``{model: {attack: {"1/255": P@k, ...}}, "seconds": {model: {attack: s}}, "settings": {...}}``
+``{model: {attack: {"1/255": P@k, ...}}, "seconds": {model: {attack: s}}, "facts": {model: {...}},
+"settings": {model: {...}}}`` (``--update`` keeps the models of an existing file, so the models can
+be measured in separate runs)
 (seconds: wall time of each attack over all eps, including the saliency of its output).
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -162,12 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=100, help="top-k size")
     parser.add_argument("--seed", type=int, default=0, help="subset and attack seed")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models already in --out (measure models in separate runs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    out: dict = {"seconds": {}}
-    facts: dict = {}
+    out: dict = {"seconds": {}, "facts": {}, "settings": {}}
+    if args.update and Path(args.out).is_file():
+        out = json.loads(Path(args.out).read_text())
     models = []
     if not args.skip_default:
         models.append(("default", lambda: default_model(args.default_ckpt, log)))
@@ -179,12 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"== {name}")
         model, dataset = build()
         tables, seconds, extra = measure(model, dataset, args, log)
-        out[name], out["seconds"][name], facts[name] = tables, seconds, extra
-    out["facts"] = facts
-    out["settings"] = dict(eps=[eps_label(e) for e in DEFAULT_EPS], k=args.k, steps=args.steps,
-                           num_images=args.num_images, seed=args.seed, target="loss", method="gradient",
-                           threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.processor() or platform.machine(),
-                           command="python -m benchmarks.attack_strength " + " ".join(argv if argv is not None else sys.argv[1:]))
+        out[name], out["seconds"][name], out["facts"][name] = tables, seconds, extra
+        out["settings"][name] = dict(
+            eps=[eps_label(e) for e in DEFAULT_EPS], k=args.k, steps=args.steps, num_images=args.num_images,
+            seed=args.seed, target="loss", method="gradient", threads=torch.get_num_threads(), torch=torch.__version__,
+            machine=platform.processor() or platform.machine(), load_avg=[round(v, 1) for v in os.getloadavg()],
+            command="python -m benchmarks.attack_strength " + " ".join(argv if argv is not None else sys.argv[1:]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(markdown(out))
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(out: dict) -> str:
     """The P@k table (one row per model and attack) and the seconds per attack."""
-    eps = out["settings"]["eps"]
+    eps = [eps_label(e) for e in DEFAULT_EPS]
     lines = ["| model | attack | " + " | ".join(f"P@k {e}" for e in eps) + " | seconds |",
              "|---|---|" + "---|" * (len(eps) + 1)]
     for model, secs in out["seconds"].items():
