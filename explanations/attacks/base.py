@@ -75,6 +75,11 @@ def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
 
 
+def _step_dtype(device: torch.device) -> torch.dtype:
+    """Per-sample step sizes in float64 (exact halving), float32 where float64 is missing (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _better(p: Tensor, obj: Tensor, best_p: Tensor, best_obj: Tensor) -> Tensor:
     """Lower P@k, ties broken by the higher objective."""
     return (p < best_p) | ((p == best_p) & (obj > best_obj))
@@ -326,7 +331,7 @@ class RankingAttack:
         x, grad = _where(ok, start, x0), _where(ok, g, g0)
         cur_obj = torch.where(ok, obj, obj0)
         x_prev = x
-        eta = torch.full_like(p0, self._initial_step(), dtype=torch.float64)
+        eta = torch.full_like(p0, self._initial_step(), dtype=_step_dtype(x0.device))
         schedule = self.step_size is None
         checkpoints = dict(apgd_checkpoints(self.steps)) if schedule else {}
         increases = torch.zeros_like(undone)
@@ -358,7 +363,7 @@ class RankingAttack:
             eta = torch.where(ok, eta, eta / 2)
             fresh = ~ok
             if t + 1 in checkpoints:
-                stalled = increases.double() <= RHO * checkpoints[t + 1]
+                stalled = increases <= RHO * checkpoints[t + 1]
                 unchanged = ~reduced_last & (ap == p_last) & (aobj == obj_last)
                 halve = stalled | unchanged
                 reduced_last, p_last, obj_last = halve, ap.clone(), aobj.clone()
@@ -376,7 +381,7 @@ class RankingAttack:
         x0 = images.detach()
         b, device = x0.shape[0], x0.device
         k = self._k(x0)
-        step = torch.full((b,), self.step_size, dtype=torch.float64, device=device)
+        step = torch.full((b,), self.step_size, dtype=_step_dtype(device), device=device)
         with eval_mode(self.model), torch.enable_grad():
             beta = self.surrogate = self._surrogate_for(x0)
             x_cur = self._start(x0, ids, 0).clone()

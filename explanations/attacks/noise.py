@@ -3,8 +3,14 @@
 ``x' = clip_[0,1](x + eps (2u - 1))`` with u uniform per pixel from the counter-based stream
 (``seed``, ``stream`` + draw, ``ids[i]``) (:func:`explanations.pgd.uniform_in_ball`), the same
 stream wherever the baseline is drawn. With ``draws`` > 1 each sample keeps its draw with the
-lowest P@k among those that keep the prediction. On a flip: a draw that changes the prediction
-is discarded; a sample whose every draw flips gets the clean image back (P@k = 1, ``flipped``).
+lowest P@k among those that keep the prediction.
+
+On a flip (``keep_prediction=True``, default, as for the attacks and the ensemble's worst case):
+a draw that changes the prediction is discarded; a sample whose every draw flips gets the clean
+image back (P@k = 1, ``flipped``), which makes the baseline look more stable at budgets where
+noise flips many predictions: read ``flipped`` beside it, or use more ``draws``. With
+``keep_prediction=False`` the baseline is the plain first draw, flipped or not (``flipped`` marks
+the flips), as a noise curve is usually reported.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class UniformNoise:
         model: classifier in pixel space. eps: l_inf radius. seed: noise seed (None: global RNG).
         k, method, method_kwargs, target, pool: how P@k is measured (as for the attacks).
         draws: noise draws per sample (>= 1). stream: first stream of the draws.
+        keep_prediction: discard draws that flip the prediction (see the module docstring).
 
     Returns:
         ``noise(images, labels=None, ids=None)``: noisy images (B, C, H, W); after a call
@@ -45,17 +52,20 @@ class UniformNoise:
     def __init__(
         self, model: nn.Module, eps: float = 8 / 255, seed: int | None = 0, k: int | float = 0.1,
         method: str = "gradient", method_kwargs: dict[str, Any] | None = None, target: str = "loss",
-        pool: int | None = None, draws: int = 1, stream: int = NOISE_STREAM,
+        pool: int | None = None, draws: int = 1, stream: int = NOISE_STREAM, keep_prediction: bool = True,
     ) -> None:
         if not eps >= 0:
             raise ValueError(f"eps={eps!r} must be a non-negative budget in pixel units")
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
             raise ValueError(f"draws={draws!r} must be an integer >= 1")
+        if not keep_prediction and draws != 1:
+            raise ValueError(f"draws={draws} needs keep_prediction=True (without it only the first draw is used)")
         check_target(target)
         check_method(method, method_kwargs)
         self.model, self.eps, self.seed, self.k = model, float(eps), seed, k
         self.method, self.method_kwargs = method, dict(method_kwargs or {})
         self.target, self.pool, self.draws, self.stream = target, pool, draws, stream
+        self.keep_prediction = bool(keep_prediction)
         self.p_at_k = self.flipped = self.steps_taken = self.clean_logits = None
 
     def __repr__(self) -> str:
@@ -85,11 +95,11 @@ class UniformNoise:
                 out = self._explain(x, labels, classes)
                 p = precision_at_k(s0, out.saliency.detach(), k)
                 ok = out.logits.detach().argmax(1) == pred0
-                better = ok & (p < best_p)
+                better = ok & (p < best_p) if self.keep_prediction else torch.ones_like(ok)
                 best_x = torch.where(better.view(-1, 1, 1, 1), x, best_x)
                 best_p = torch.where(better, p, best_p)
                 kept_any |= ok
-        self.p_at_k, self.flipped, self.clean_logits = best_p, ~kept_any, logits0
+        self.p_at_k, self.flipped, self.clean_logits = best_p, ~kept_any, logits0  # flipped: no kept draw
         self.steps_taken = torch.zeros_like(pred0)
         return best_x.detach()
 

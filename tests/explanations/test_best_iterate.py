@@ -119,6 +119,11 @@ def kept_prediction(model, x, x_adv):
         return torch.equal(model(x_adv).argmax(1), model(x).argmax(1))
 
 
+def kept_rows(model, x, x_adv):
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == model(x).argmax(1)
+
+
 def test_apgd_checkpoints_follow_the_reference_schedule():
     assert [t for t, _ in apgd_checkpoints(100)] == [22, 41, 57, 70, 80, 87, 93, 99]
     assert apgd_checkpoints(10)[:2] == [(2, 2), (3, 1)]
@@ -238,8 +243,14 @@ def test_uniform_noise_is_seeded_per_sample_and_keeps_the_prediction(trained):
     assert flipped.any(), "a large budget should flip some draws"
     torch.testing.assert_close(batched[flipped], x[flipped])  # every draw flipped: clean image back
     assert (p[flipped] == 1).all()
+    plain = UniformNoise(model, eps=0.4, seed=3, k=14, keep_prediction=False)
+    x_plain = plain(x, y, ids)
+    assert torch.equal(plain.flipped, ~kept_rows(model, x, x_plain))
+    torch.testing.assert_close(plain.p_at_k, p_at_k(model, x, x_plain, y, 14))
     with pytest.raises(ValueError, match="draws"):
         UniformNoise(model, draws=0)
+    with pytest.raises(ValueError, match="keep_prediction"):
+        UniformNoise(model, draws=2, keep_prediction=False)
 
 
 def test_paper_preset_threat_model(trained):
