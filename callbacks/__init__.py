@@ -8,11 +8,12 @@ from callbacks.metrics import (
     TopKThickness,
     UnionRankCorrelation,
 )
+from callbacks.base import EvaluationCallback
 from callbacks.pse_analysis import PSEAnalysis
 from callbacks.ranking_robustness import RankingRobustness
 from callbacks.summary import FinalSummary
 
 __all__ = [
-    "FinalSummary", "FlipRate", "LocalizationShare", "PSEAnalysis", "PrecisionAtK", "RankingRobustness",
+    "EvaluationCallback", "FinalSummary", "FlipRate", "LocalizationShare", "PSEAnalysis", "PrecisionAtK", "RankingRobustness",
     "SampleMean", "TopKThickness", "UnionRankCorrelation",
 ]

@@ -1,7 +1,11 @@
-"""A fixed, seeded, class-agnostic evaluation subset of a dataset, sharded across ranks.
+"""A fixed, seeded, class-balanced evaluation subset of a dataset, sharded across ranks.
 
-The subset is the first ``num_samples`` entries of a seeded random permutation of the dataset's
-indices (the same images every epoch and on every rank, whatever the labels). Rank r of w takes
+The subset walks a seeded random permutation of the dataset's indices class by class in turns
+(the first image of each class in permutation order, then the second of each, ...), so any
+``num_samples`` covers the classes as evenly as the data allows; the same images every epoch and
+on every rank. Labels are read without loading images (``targets``/``labels``/``y`` attributes,
+``TensorDataset``, ``Subset``); a dataset without them gets the first ``num_samples`` entries of
+the permutation (class-agnostic). Rank r of w takes
 the positions r, r + w, r + 2w, ... of that list (a DistributedSampler-like split *without*
 padding: no image is evaluated twice, so means over ranks equal the single-process mean; shard
 sizes may differ by one). Items may be ``(x, y)`` or ``(x, y, mask)``; batches carry the dataset
@@ -26,6 +30,39 @@ def subset_indices(num_items: int, num_samples: int, seed: int) -> Tensor:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(int(seed)))
     return perm[: min(num_samples, num_items)]
+
+
+def dataset_labels(dataset: Dataset) -> Tensor | None:
+    """The dataset's labels (N,) without loading images, or None when it does not expose them."""
+    from torch.utils.data import Subset, TensorDataset
+
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+    else:
+        labels = next((getattr(dataset, a) for a in ("targets", "labels", "y") if hasattr(dataset, a)), None)
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.numel() != len(dataset) or labels.is_floating_point():
+        return None
+    return labels.long()
+
+
+def balanced_subset_indices(labels: Tensor, num_samples: int, seed: int) -> Tensor:
+    """``num_samples`` indices taking the classes in turns along a permutation seeded by ``seed``."""
+    perm = subset_indices(labels.numel(), labels.numel(), seed)
+    lab = labels[perm]
+    order = torch.sort(lab, stable=True).indices  # permutation positions grouped by class
+    sorted_lab = lab[order]
+    starts = torch.searchsorted(sorted_lab, sorted_lab, right=False)
+    turn = torch.empty_like(order)
+    turn[order] = torch.arange(order.numel()) - starts  # position of each item within its class
+    key = turn * (int(lab.max()) + 1 - int(lab.min()) + 1) + (lab - lab.min())
+    picked = torch.sort(key, stable=True).indices[: min(num_samples, labels.numel())]
+    return perm[picked]
 
 
 def shard_indices(indices: Tensor, rank: int, world_size: int) -> Tensor:
@@ -64,12 +101,15 @@ class EvalSubset:
 
     def __init__(
         self, dataset: Dataset, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-        batch_size: int = 64,
+        batch_size: int = 64, balanced: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.dataset = dataset
-        self.indices = subset_indices(len(dataset), num_samples, seed)
+        labels = dataset_labels(dataset) if balanced else None
+        self.balanced = labels is not None
+        self.indices = (balanced_subset_indices(labels, num_samples, seed) if self.balanced
+                        else subset_indices(len(dataset), num_samples, seed))
         self.shard = shard_indices(self.indices, rank, world_size)
         self.batch_size = batch_size
         self.has_mask = item_has_mask(dataset)

@@ -23,7 +23,7 @@ every setting in docs/pse.md). It logs, under ``pse/``:
 =======================================  =========================================================
 
 On rank zero with a ``WandbLogger`` it also logs ``pse/samples`` (a ``wandb.Table`` with one row
-per sample of all ranks) and ``pse/category_shares_chart`` (a line series of the four category
+per sample of all ranks, with a uint8 thumbnail of the clean image) and ``pse/category_shares_chart`` (a line series of the four category
 shares over the epochs analysed so far). With ``out_dir`` set, rank zero writes
 ``pse_<stage>_epoch<N>.json`` (settings, numbers, history) and ``pse_<stage>_epoch<N>.png`` (example
 perturbations per category, from rank zero's shard).
@@ -56,11 +56,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from callbacks._eval_subset import EvalSubset
-from explanations.explainers import seeded_uniform
+from callbacks.base import EvaluationCallback
+from explanations.evaluation import pse_target_uniform, uint8_image
 from explanations.pse import (
     CATEGORIES,
     PSEBatch,
@@ -78,18 +78,6 @@ from explanations.pse import (
 log = logging.getLogger(__name__)
 
 PREFIX = "pse/"
-_TARGET_STREAM = 611  # seeded_uniform stream of the random target rule
-
-
-def check_grad_enabled(trainer: L.Trainer, loop: str = "validate") -> None:
-    """Refuse Lightning's inference mode for the evaluation loop: input gradients need it off."""
-    loop_obj = getattr(trainer, f"{loop}_loop", None)
-    if getattr(loop_obj, "inference_mode", False) or torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "PSEAnalysis needs input gradients (targeted PGD, Grad-CAM), but the Trainer runs "
-            f"{loop} under torch.inference_mode. Set `trainer.inference_mode: false` in the config "
-            "(or Trainer(inference_mode=False))."
-        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,7 +130,7 @@ def run_analysis(
     with torch.enable_grad():
         for batch in subset:
             batch = batch.to(device, dtype)
-            uniform = seeded_uniform(batch.ids, (), seed, _TARGET_STREAM, torch.float64)
+            uniform = pse_target_uniform(batch.ids, seed)
             result = analyze_batch(model, batch.x, batch.y, settings, uniform=uniform)
             sums = add_sums(sums, {k: v.to(device) for k, v in batch_sums(result, settings).items()})
             names, values = per_sample_rows(result)
@@ -276,7 +264,7 @@ def write_report(
 # ------------------------------------------------------------------------------------------------
 
 
-class PSEAnalysis(L.Callback):
+class PSEAnalysis(EvaluationCallback):
     """Promotion-suppression analysis of targeted adversarial perturbations, every n epochs.
 
     Args:
@@ -325,11 +313,7 @@ class PSEAnalysis(L.Callback):
         out_dir: str | None = None,
         num_examples: int = 2,
     ) -> None:
-        super().__init__()
-        for name, value in (("every_n_epochs", every_n_epochs), ("num_samples", num_samples),
-                            ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        super().__init__(every_n_epochs, num_samples, batch_size, seed)
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps={steps!r} must be a non-negative integer")
         if eps < 0:
@@ -341,80 +325,15 @@ class PSEAnalysis(L.Callback):
             group_chunk_size=group_chunk_size, cam_method=cam_method, cam_layer=cam_layer,
             cam_quantile=cam_quantile, unit_layer=unit_layer, unit_threshold=unit_threshold,
         )
-        self.every_n_epochs, self.num_samples, self.batch_size, self.seed = every_n_epochs, num_samples, batch_size, seed
         self.log_table, self.log_chart = log_table, log_chart
         self.out_dir, self.num_examples = out_dir, num_examples
         self.history: list[dict[str, Any]] = []
-        self.last_values: dict[str, float] = {}
-        self.last_duration_s = 0.0
-        self.total_duration_s = 0.0
-        self._subset: EvalSubset | None = None
-        self._subset_key: tuple | None = None
-        self._last_epoch: int | None = None
-
-    # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage in ("fit", "validate"):
-            check_grad_enabled(trainer, "validate")
-        elif stage == "test":
-            check_grad_enabled(trainer, "test")
-
-    def _due(self, trainer: L.Trainer) -> bool:
-        if trainer.sanity_checking:
-            return False
-        if trainer.state.fn != TrainerFn.FITTING:
-            return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
-        epoch = trainer.current_epoch
-        if self._last_epoch == epoch:  # validation ran more than once this epoch
-            return False
-        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs
-        return (epoch + 1) % self.every_n_epochs == 0 or last
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._due(trainer):
-            self._run(trainer, pl_module, "validate")
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._due(trainer):
-            self._run(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ work
-    def _dataset(self, trainer: L.Trainer, loop: str):
-        split = "test" if loop == "test" else "val"
-        datamodule = getattr(trainer, "datamodule", None)
-        dataset = getattr(datamodule, f"{split}_dataset", None) if datamodule is not None else None
-        if dataset is None:
-            loaders = trainer.test_dataloaders if loop == "test" else trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-            dataset = getattr(loader, "dataset", None)
-        if dataset is None:
-            raise RuntimeError(
-                f"PSEAnalysis needs a {split} dataset: a datamodule with `{split}_dataset` (after setup) "
-                f"or a {split} dataloader with a `.dataset`"
-            )
-        return dataset
-
-    def _eval_subset(self, trainer: L.Trainer, loop: str) -> EvalSubset:
-        dataset = self._dataset(trainer, loop)
-        if len(dataset) >= trainer.world_size and self.num_samples < trainer.world_size:
-            raise ValueError(
-                f"PSEAnalysis num_samples={self.num_samples} is smaller than the {trainer.world_size} "
-                "ranks; give every rank at least one sample"
-            )
-        key = (id(dataset), trainer.global_rank, trainer.world_size)
-        if self._subset is None or self._subset_key != key:
-            self._subset = EvalSubset(
-                dataset, self.num_samples, self.seed, trainer.global_rank, trainer.world_size, self.batch_size
-            )
-            self._subset_key = key
-        return self._subset
-
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, loop: str) -> None:
-        check_grad_enabled(trainer, loop)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, loop: str) -> None:
         start = time.perf_counter()
-        self._last_epoch = trainer.current_epoch if trainer.state.fn == TrainerFn.FITTING else None
-        model = getattr(pl_module, "model", pl_module)
-        subset = self._eval_subset(trainer, loop)
+        model = self.classifier(pl_module)
+        subset = self.eval_subset(trainer, loop)
         collector = ExampleCollector(self.num_examples) if self.out_dir and trainer.is_global_zero else None
         sums, columns, rows = run_analysis(model, subset, self.settings, pl_module.device, self.seed, collector)
         if sums is None:
@@ -428,8 +347,7 @@ class PSEAnalysis(L.Callback):
             pl_module.log(PREFIX + name, float(value), on_step=False, on_epoch=True, sync_dist=True)
         self.last_values = {PREFIX + n: float(v) for n, v in values.items()}
         gathered = self._gather_rows(trainer, pl_module, rows)
-        self.last_duration_s = time.perf_counter() - start
-        self.total_duration_s += self.last_duration_s
+        seconds = time.perf_counter() - start
         if trainer.is_global_zero:
             self.history.append({"epoch": trainer.current_epoch, "stage": loop,
                                  **{c: values[f"frac_{c}"] for c in CATEGORIES}})
@@ -441,7 +359,7 @@ class PSEAnalysis(L.Callback):
                     self.out_dir, stem, values, self.settings, collector,
                     extra=dict(stage=loop, epoch=trainer.current_epoch, global_step=trainer.global_step,
                                num_samples=self.num_samples, seed=self.seed, history=self.history,
-                               seconds=self.last_duration_s),
+                               seconds=seconds),
                     class_names=class_names,
                 )
 
@@ -456,6 +374,11 @@ class PSEAnalysis(L.Callback):
         gathered = pl_module.all_gather(padded.to(pl_module.device)).reshape(-1, rows.shape[1] + 1).cpu()
         return gathered[gathered[:, -1] == 1.0][:, :-1]
 
+    def _thumbnails(self, wandb, ids: list[int]) -> list[Any]:
+        """uint8 wandb.Image thumbnails (>= 32 px) of the clean images with these dataset ids."""
+        dataset = self._subset.dataset
+        return [wandb.Image(uint8_image(dataset[i][0], min_side=32)) for i in ids]
+
     def _log_wandb(self, trainer: L.Trainer, columns: list[str], rows: Tensor, class_names) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers or not (self.log_table or self.log_chart):
@@ -465,8 +388,10 @@ class PSEAnalysis(L.Callback):
         for logger in loggers:
             try:
                 if self.log_table:
-                    logger.log_table(key=PREFIX + "samples", columns=columns,
-                                     data=table_data(columns, rows, class_names), step=trainer.global_step)
+                    data = table_data(columns, rows, class_names)
+                    thumbs = self._thumbnails(wandb, [int(r[0]) for r in data])
+                    logger.log_table(key=PREFIX + "samples", columns=[columns[0], "image", *columns[1:]],
+                                     data=[[r[0], t, *r[1:]] for r, t in zip(data, thumbs)], step=trainer.global_step)
                 if self.log_chart and self.history:
                     chart = wandb.plot.line_series(
                         xs=[h["epoch"] for h in self.history],

@@ -74,7 +74,7 @@ def test_cpu_dry_run_runs_every_step_and_writes_the_results(tmp_path):
     assert numbers["gpu_tests"]["failures"] == 0 and numbers["gpu_tests"]["tests"] >= 1
     r2et = numbers["step_cost"]["resnet9"]["r2et"]
     assert r2et["images_per_s"] > 0 and r2et["ratio_to_vanilla"] > 1  # double backprop costs more than vanilla
-    assert {"val/acc", "robustness/p_at_k/er/gradient", "pse/num_samples"} <= set(numbers["finetune"])
+    assert {"val/acc", "robustness/p_at_k/er/gradient/eps_8", "pse/num_samples"} <= set(numbers["finetune"])
     assert numbers["ddp"]["processes"] == 2 and numbers["ddp"]["ratio"] > 0
     md = (out / "results.md").read_text()
     assert "CPU dry run" in md and "| finetune | ok |" in md and "DDP throughput" in md

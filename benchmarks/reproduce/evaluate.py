@@ -1,9 +1,11 @@
-"""Evaluation of one trained model with the library's attacks, explainers, metrics and PSE.
+"""Evaluation of one trained model with the project's evaluation protocol and PSE.
 
-Nothing here re-implements the math: ERAttack / MSEAttack come from ``explanations.attacks``,
-saliency maps from ``explanations.explainers.explain``, P@k, rank correlations and thickness from
-``explanations.ranking_metrics``, the PSE analysis from ``explanations.pse``. This module only
-batches the fixed evaluation images through them and averages per-sample values.
+Nothing here re-implements the evaluation: attacks, the per-image worst case, the noise baseline
+and thickness come from ``explanations.evaluation.EvaluationProtocol`` (the protocol the
+``RankingRobustness`` callback and ``train.py validate -c configs/evaluate.yaml`` run, with the
+same seeds and noise streams), the PSE analysis from ``explanations.pse`` with the protocol's
+target draw (``pse_target_uniform``). This module picks the study's images and settings and
+averages per-sample values.
 
 Conventions:
 - The model runs in eval mode; the explained scalar is the cross-entropy with the true label
@@ -14,8 +16,8 @@ Conventions:
 - ReLU models (vanilla, WD): the input Hessian of a piecewise-linear network is zero almost
   everywhere, so a direct attack only gets gradient through the softmax. For the attacks listed in
   ``relu_surrogate`` such a model is attacked twice, directly and through a Softplus(beta) copy
-  (``surrogate_beta``, DESIGN §5), and each image keeps the *worse* of the two results (lower P@k).
-  Both attacks are recorded. Softplus models are attacked directly only.
+  (``surrogate_beta``, DESIGN §5), and each image keeps the *worse* of the two results (lower P@k:
+  the protocol's worst case). Both attacks are recorded. Softplus models are attacked directly only.
 - Each mean comes with its standard error over images (std / sqrt(n)): the sampling noise of the
   evaluation subset, not the training noise.
 """
@@ -31,10 +33,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from explanations.attacks import build_attack, uniform_in_ball
-from explanations.explainers import eval_mode, explain, seeded_uniform
+from explanations.evaluation import NOISE, WORST, EvaluationProtocol, eps_tag, iter_batches, pse_target_uniform
+from explanations.explainers import eval_mode
 from explanations.pse import PSESettings, add_sums, analyze_batch, batch_sums, summarize
-from explanations.ranking_metrics import precision_at_k, rank_correlation, topk_thickness
 
 from benchmarks.reproduce.data import ImageSet
 from benchmarks.reproduce.presets import EvalConfig
@@ -84,79 +85,67 @@ def accuracy(net: nn.Module, dataset: Dataset | ImageSet, device, batch_size: in
 
 
 class Evaluator:
-    """Per-sample attack metrics of one model on fixed images (see the module docstring)."""
+    """Per-sample attack metrics of one model on fixed images, from ``explanations.evaluation``
+    (the protocol the callback and the standalone evaluation run; see the module docstring)."""
 
     def __init__(self, net: nn.Module, cfg: EvalConfig, k: int | float, pool: int | None, relu: bool, device) -> None:
         self.net, self.cfg, self.k, self.pool, self.relu, self.device = net, cfg, k, pool, relu, device
 
-    def _saliency(self, x: Tensor, y: Tensor, method: str, method_kwargs: dict[str, Any]) -> Tensor:
-        return explain(self.net, x, y, method=method, target="loss", pool=self.pool, **method_kwargs).detach()
+    def _protocol(self, eps: float, attacks: list, steps: int = 0, method: str = "gradient",
+                  method_kwargs: dict[str, Any] | None = None, noise: bool = False, thickness: bool = False,
+                  thickness_eps: float | None = None) -> EvaluationProtocol:
+        return EvaluationProtocol(
+            eps=[eps], attacks=attacks, noise=noise, k=self.k, target="loss", pool=self.pool, methods=[method],
+            method_kwargs={method: dict(method_kwargs)} if method_kwargs else None, seed=self.cfg.seed,
+            steps=steps, localization=False, thickness=thickness, thickness_samples=self.cfg.thickness_samples,
+            thickness_points=self.cfg.thickness_points, thickness_eps=thickness_eps,
+        )
 
-    def attack(
+    def _run(self, protocol: EvaluationProtocol, data: ImageSet, batch_size: int | None = None) -> dict[str, Tensor]:
+        batches = iter_batches(data.x, data.y, data.ids, batch_size or self.cfg.batch_size)
+        return protocol.evaluate(self.net, batches, self.device).values
+
+    def robust_attack(
         self, data: ImageSet, name: str, eps: float, steps: int, method: str = "gradient",
-        method_kwargs: dict[str, Any] | None = None, surrogate_beta: float | None = None,
-        batch_size: int | None = None,
-    ) -> dict[str, Tensor]:
-        """Per-sample P@k, Spearman, Kendall (union of top-k), stopped-by-flip and prediction flip."""
-        method_kwargs = dict(method_kwargs or {})
-        out: dict[str, list[Tensor]] = {key: [] for key in ("p_at_k", "spearman", "kendall", "stopped", "pred_flip")}
-        for x, y, ids in _chunks(data, batch_size or self.cfg.batch_size, self.device):
-            attack = build_attack(
-                name, self.net, eps=eps, steps=steps, k=self.k, pool=self.pool, method=method,
-                method_kwargs=method_kwargs or None, seed=self.cfg.seed, surrogate_beta=surrogate_beta,
-            )
-            x_adv = attack(x, y, ids=ids)
-            with eval_mode(self.net):
-                s0 = self._saliency(x, y, method, method_kwargs)
-                s1 = self._saliency(x_adv, y, method, method_kwargs)
-                with torch.no_grad():
-                    flip = (self.net(x).argmax(1) != self.net(x_adv).argmax(1)).float()
-            out["p_at_k"].append(precision_at_k(s0, s1, self.k).cpu())
-            out["spearman"].append(rank_correlation(s0, s1, self.k, "spearman").cpu())
-            out["kendall"].append(rank_correlation(s0, s1, self.k, "kendall").cpu())
-            stopped = attack.flipped if attack.flipped is not None else torch.zeros_like(flip, dtype=torch.bool)
-            out["stopped"].append(stopped.float().cpu())
-            out["pred_flip"].append(flip.cpu())
-        return {key: torch.cat(v) for key, v in out.items()}
+        method_kwargs: dict[str, Any] | None = None, batch_size: int | None = None,
+    ) -> dict[str, Any]:
+        """The attack, plus (ReLU models) its surrogate version; the per-sample worst case of the
+        two (the protocol's ``worst``). Per-sample P@k, Spearman, Kendall, prediction flips."""
+        attacks: list[Any] = [{"name": name, "kwargs": {"surrogate_beta": None}}]
+        surrogate = self.relu and name in self.cfg.relu_surrogate
+        if surrogate:
+            attacks.append({"name": f"{name}_surrogate", "attack": name,
+                            "kwargs": {"surrogate_beta": self.cfg.surrogate_beta}})
+        values = self._run(self._protocol(eps, attacks, steps, method, method_kwargs), data, batch_size)
+        tag = eps_tag(eps)
 
-    def robust_attack(self, data: ImageSet, name: str, eps: float, steps: int, **kwargs) -> dict[str, Any]:
-        """The attack, plus (ReLU models) its surrogate version; per-sample worse of the two."""
-        direct = self.attack(data, name, eps, steps, **kwargs)
-        if not (self.relu and name in self.cfg.relu_surrogate):
+        def per(src: str) -> dict[str, Tensor]:
+            return {key: values[f"{metric}/{src}/{method}/{tag}"]
+                    for key, metric in (("p_at_k", "p_at_k"), ("spearman", "spearman"), ("kendall", "kendall"),
+                                        ("pred_flip", "flip_rate"))}
+
+        direct = per(name)
+        if not surrogate:
             return {"final": direct, "direct": direct}
-        sur = self.attack(data, name, eps, steps, surrogate_beta=self.cfg.surrogate_beta, **kwargs)
-        take = sur["p_at_k"] < direct["p_at_k"]
-        worst = {key: torch.where(take, sur[key], direct[key]) for key in direct}
-        worst["surrogate_wins"] = take.float()
+        sur, worst = per(f"{name}_surrogate"), per(WORST)
+        worst["surrogate_wins"] = (sur["p_at_k"] < direct["p_at_k"]).float()
         return {"final": worst, "direct": direct, "surrogate": sur}
 
     def noise(self, data: ImageSet, eps: float) -> Tensor:
-        """Per-sample P@k under uniform noise in the l_inf ball (the no-attack baseline)."""
-        values = []
-        for x, y, ids in _chunks(data, self.cfg.batch_size, self.device):
-            x_noise = uniform_in_ball(x, eps, ids, self.cfg.seed, stream=4242)
-            with eval_mode(self.net):
-                values.append(precision_at_k(self._saliency(x, y, "gradient", {}), self._saliency(x_noise, y, "gradient", {}), self.k).cpu())
-        return torch.cat(values)
+        """Per-sample P@k under uniform noise in the l_inf ball (the protocol's noise baseline)."""
+        return self._run(self._protocol(eps, [NOISE], noise=True), data)[f"p_at_k/{NOISE}/gradient/{eps_tag(eps)}"]
 
     def thickness(self, data: ImageSet) -> Tensor:
-        cfg = self.cfg
-        values = []
-        for x, y, ids in _chunks(data, cfg.batch_size, self.device):
-            values.append(
-                topk_thickness(
-                    self.net, x, y, self.k, eps=cfg.eps, num_samples=cfg.thickness_samples,
-                    num_points=cfg.thickness_points, pool=self.pool, ids=ids, seed=cfg.seed,
-                ).cpu()
-            )
-        return torch.cat(values)
+        """Per-sample all-pairs top-k thickness at ``cfg.eps`` (the protocol's thickness)."""
+        protocol = self._protocol(self.cfg.eps, [NOISE], noise=True, thickness=True, thickness_eps=self.cfg.eps)
+        return self._run(protocol, data)["thickness/all_pairs/gradient"]
 
     def pse(self, data: ImageSet) -> dict[str, float]:
         cfg = self.cfg
         settings = PSESettings(eps=cfg.eps, steps=cfg.pse_steps, group_size=cfg.pse_group_size)
         sums = None
         for x, y, ids in _chunks(data, cfg.batch_size, self.device):
-            uniform = seeded_uniform(ids, (), cfg.seed, stream=777)
+            uniform = pse_target_uniform(ids, cfg.seed)
             sums = add_sums(sums, batch_sums(analyze_batch(self.net, x, y, settings, uniform=uniform), settings))
         result = summarize(sums, settings)
         return {key: float(result[key]) for key in PSE_KEYS if key in result}

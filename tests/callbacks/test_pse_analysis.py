@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -50,6 +51,7 @@ def test_callback_logs_every_key_and_a_wandb_table(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # table media are staged here
     tables, charts = [], []
     original_table, original_metrics = WandbLogger.log_table, WandbLogger.log_metrics
 
@@ -85,7 +87,7 @@ def test_callback_logs_every_key_and_a_wandb_table(tmp_path, monkeypatch):
             trainer.callback_metrics["pse/num_success"])
         assert [t[0] for t in tables] == ["pse/samples", "pse/samples"]
         _, columns, data = tables[-1]
-        assert len(data) == 8 and "category" in columns and "phi" in columns
+        assert len(data) == 8 and "category" in columns and "phi" in columns and columns[:2] == ["id", "image"]
         assert all(row[columns.index("category")] in CATEGORIES for row in data)
         assert len(charts) == 2
         assert sorted(p.name for p in (tmp_path / "pse").iterdir()) == [
@@ -98,6 +100,13 @@ def test_callback_logs_every_key_and_a_wandb_table(tmp_path, monkeypatch):
         wandb_logger.experiment.finish()
     written = list(tmp_path.rglob("*.table.json"))
     assert written, "no W&B table file in the offline run"
+    from PIL import Image
+
+    # the table's thumbnails: uint8 PNGs (staged for the table artifact) in real colours
+    thumbs = [p for p in (tmp_path / "wandb_data").rglob("*") if p.is_file() and p.read_bytes()[:4] == b"\x89PNG"]
+    assert len(thumbs) >= 8, sorted(str(p) for p in (tmp_path / "wandb_data").rglob("*"))
+    pixels = np.asarray(Image.open(thumbs[0]).convert("RGB")).astype(float)
+    assert pixels.shape[0] >= 32 and pixels.max() > 100 and np.abs(pixels[..., 0] - pixels[..., 1]).max() > 20
 
     # standalone: a checkpoint analysed by the entry script, with the data from a config file
     ckpt = tmp_path / "model.ckpt"

@@ -1,5 +1,6 @@
 import math
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -11,17 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks import RankingRobustness
-from callbacks._eval_subset import EvalSubset, shard_indices, subset_indices
+from callbacks._eval_subset import EvalSubset, balanced_subset_indices, dataset_labels, shard_indices, subset_indices
+from explanations.evaluation import EvaluationProtocol
 from callbacks.metrics import FlipRate, PrecisionAtK, SampleMean
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not stall when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ tiny model and data
@@ -112,6 +105,21 @@ def test_subset_is_fixed_seeded_and_sharded_without_duplicates():
     assert list(EvalSubset(TinyData(9, 0, masks=False), 4).__iter__())[0].mask is None
 
 
+def test_subset_is_class_balanced_when_labels_are_known():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 5)
+    idx = balanced_subset_indices(labels, 9, seed=0)
+    assert torch.bincount(labels[idx]).tolist() == [3, 3, 3]
+    assert torch.equal(idx, balanced_subset_indices(labels, 9, seed=0))
+    assert sorted(balanced_subset_indices(labels, 18, seed=1).tolist()) == list(range(18))
+    data = TinyData(12, 0)
+    data.labels = data.y
+    assert torch.equal(dataset_labels(data), data.y)
+    sub = EvalSubset(data, num_samples=6, seed=2)
+    assert sub.balanced and torch.bincount(data.y[sub.indices]).tolist() == [2, 2, 2]
+    plain = [(torch.zeros(3, 4, 4), i % 3) for i in range(12)]  # no label attribute: plain permutation
+    assert not EvalSubset(plain, 6).balanced and torch.equal(EvalSubset(plain, 6).indices, subset_indices(12, 6, 0))
+
+
 def test_metric_objects_reduce_sums_and_counts():
     m = SampleMean()
     m.update(torch.tensor([1.0, float("nan"), 3.0]))
@@ -126,24 +134,51 @@ def test_metric_objects_reduce_sums_and_counts():
     assert f.compute().item() == pytest.approx(0.5)
 
 
-def test_validate_logs_all_metrics_and_restores_the_model(tmp_path):
+SOURCES = ("er", "mse", "noise", "worst")
+
+
+def test_validate_logs_every_attack_and_the_worst_case_and_restores_the_model(tmp_path):
     module, dm = TinyModule(), TinyDataModule()
     module.model[1].eval()  # a mixed-mode model must come back exactly as it was
-    cb = callback()
+    cb = callback(eps=[2 / 255, 8 / 255])
     t = trainer(tmp_path, cb)
     t.validate(module, datamodule=dm, verbose=False)
     values = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("robustness/")}
-    for src in ("er", "mse", "noise"):
+    for src in SOURCES:
         for kind in ("p_at_k", "spearman", "kendall", "flip_rate", "localization"):
-            assert f"robustness/{kind}/{src}/gradient" in values
-    assert "robustness/thickness/gradient" in values and "robustness/localization/gradient" in values
+            for tag in ("eps_2", "eps_8"):
+                assert f"robustness/{kind}/{src}/gradient/{tag}" in values, (kind, src, tag)
+    assert "robustness/thickness/all_pairs/gradient" in values
+    assert "robustness/localization/clean/gradient" in values and "robustness/accuracy" in values
     for name, v in values.items():
         assert -1 <= v <= 1 and not math.isnan(v), name
-    assert values["robustness/p_at_k/er/gradient"] <= 1.0
-    assert values["robustness/flip_rate/er/gradient"] >= 0.0
+    for tag in ("eps_2", "eps_8"):
+        worst = values[f"robustness/p_at_k/worst/gradient/{tag}"]
+        assert all(worst <= values[f"robustness/p_at_k/{s}/gradient/{tag}"] + 1e-7 for s in ("er", "mse", "noise"))
+    assert values["robustness/p_at_k/worst/gradient/eps_8"] <= values["robustness/p_at_k/worst/gradient/eps_2"]
+    assert values["robustness/flip_rate/er/gradient/eps_8"] == 0.0  # the attacks keep the prediction
     assert module.model[0].training and not module.model[1].training
     assert all(p.grad is None for p in module.parameters())
     assert cb.evaluated_epochs == [0]
+    assert cb.last_report["num_images"] == 10 and cb.last_report["k"] == 10
+
+
+def test_callback_numbers_equal_the_protocol_on_the_same_images(tmp_path):
+    module, dm = TinyModule(), TinyDataModule()
+    cb = callback(eps=[2 / 255, 8 / 255], random_start=True)
+    t = trainer(tmp_path, cb, precision="64-true")
+    t.validate(module, datamodule=dm, verbose=False)
+    got = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("robustness/")}
+    dm.setup()
+    protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], attacks=["er", "mse"], k=10, steps=2,
+                                  attack_kwargs={"random_start": True}, thickness_samples=1, thickness_points=2)
+    subset = EvalSubset(dm.val_dataset, 10, seed=0, batch_size=4)
+    model = module.model.double()
+    want = protocol.evaluate(model, [b.to("cpu", torch.float64) for b in subset]).means()
+    assert len(want) > 40
+    for key, value in want.items():
+        assert cb.last_values["robustness/" + key] == value, key  # exactly the protocol's numbers
+        assert got["robustness/" + key] == pytest.approx(value, abs=1e-7), key  # logged as float32
 
 
 def test_fit_schedule_skips_sanity_check_and_evaluates_last_epoch(tmp_path):
@@ -153,8 +188,8 @@ def test_fit_schedule_skips_sanity_check_and_evaluates_last_epoch(tmp_path):
     t.fit(TinyModule(), datamodule=TinyDataModule(masks=False))
     assert cb.evaluated_epochs == [1, 2]
     keys = {k for k in t.callback_metrics if k.startswith("robustness/")}
-    assert keys == {"robustness/p_at_k/er/gradient/eps_2", "robustness/p_at_k/er/gradient/eps_8",
-                    "robustness/flip_rate/er/gradient/eps_2", "robustness/flip_rate/er/gradient/eps_8"}
+    assert keys == {f"robustness/{m}/{s}/gradient/{e}" for m in ("p_at_k", "flip_rate") for s in ("er", "worst")
+                    for e in ("eps_2", "eps_8")} | {"robustness/accuracy"}
 
 
 def test_inference_mode_is_refused_early(tmp_path):
@@ -163,57 +198,101 @@ def test_inference_mode_is_refused_early(tmp_path):
         t.validate(TinyModule(), datamodule=TinyDataModule(), verbose=False)
 
 
-def test_bad_settings_fail_at_construction():
-    with pytest.raises(ValueError, match="attack"):
+def test_bad_settings_fail_at_construction_naming_value_and_choices():
+    with pytest.raises(ValueError, match=r"'pgd'.*valid: \['er', 'mse', 'noise'\]"):
         RankingRobustness(attacks=["pgd"])
-    with pytest.raises(ValueError, match="explanation method"):
+    with pytest.raises(ValueError, match="'lrp'.*valid"):
         RankingRobustness(methods=["lrp"])
     with pytest.raises(ValueError, match="not in methods"):
         RankingRobustness(method_kwargs={"smoothgrad": {"num_samples": 2}})
+    with pytest.raises(ValueError, match=r"eps=\[-0.1\]"):
+        RankingRobustness(eps=[-0.1])
+    with pytest.raises(ValueError, match=r"eps=8 must be a budget in \[0, 1\]"):
+        RankingRobustness(eps=8)
+    with pytest.raises(ValueError, match="unknown keys"):
+        RankingRobustness(attacks=[{"name": "er2", "attack": "er", "kwrgs": {}}])
+    with pytest.raises(ValueError, match="unique"):
+        RankingRobustness(attacks=["er", {"name": "er", "attack": "mse"}])
 
 
-def test_images_go_to_wandb_on_rank_zero(tmp_path):
-    class FakeWandb(WandbLogger):
-        def __init__(self):
-            self.calls = []
+class CountingModule(TinyModule):
+    steps = 0
 
-        def log_image(self, key, images, step=None, **kwargs):
-            self.calls.append((key, images, step, kwargs))
+    def training_step(self, batch, idx):
+        CountingModule.steps += 1
+        return super().training_step(batch, idx)
 
-    module, dm = TinyModule(), TinyDataModule()
+
+def test_k_against_the_data_is_refused_in_setup_before_any_step(tmp_path):
+    CountingModule.steps = 0
+    t = trainer(tmp_path, callback(k=500))
+    with pytest.raises(ValueError, match=r"RankingRobustness: k=500 is out of range for 144 features"):
+        t.fit(CountingModule(k=10), datamodule=TinyDataModule())
+    assert CountingModule.steps == 0
+    bad_kwargs = callback(attacks=[{"name": "er", "kwargs": {"stepz": 3}}])
+    with pytest.raises(TypeError, match="stepz"):
+        trainer(tmp_path, bad_kwargs).fit(CountingModule(), datamodule=TinyDataModule())
+    assert CountingModule.steps == 0
+
+
+def test_surrogate_auto_is_dropped_with_a_note_on_a_smooth_model(tmp_path, caplog):
+    cb = callback(attacks=None, eps=[8 / 255])
+    t = trainer(tmp_path, cb)
+    with caplog.at_level("WARNING"):
+        t.validate(TinyModule(), datamodule=TinyDataModule(), verbose=False)
+    assert "er_surrogate" in caplog.text and "no ReLU-type activations" in caplog.text
+    assert cb.last_report["attacks"] == ["er", "mse", "noise"]
+    assert cb.last_report["notes"]
+
+
+class ReluModule(TinyModule):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, stride=2),
+                                   nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+
+
+def test_default_ensemble_on_a_relu_model_keeps_the_surrogate_attack(tmp_path):
+    cb = callback(attacks=None, eps=[8 / 255], thickness=False)
+    trainer(tmp_path, cb).validate(ReluModule(), datamodule=TinyDataModule(), verbose=False)
+    assert cb.last_report["attacks"] == ["er", "er_surrogate", "mse", "noise"]
+    assert cb.last_report["settings"]["attacks"][1]["kwargs"] == {"surrogate_beta": "auto"}
+
+
+def test_wandb_offline_saliency_png_has_real_colours(tmp_path):
+    wandb = pytest.importorskip("wandb")
+    from PIL import Image
+
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
+        module, dm = TinyModule(), TinyDataModule()
+        cb = callback(attacks=["er"], eps=[8 / 255], log_images=True, num_images=2, thickness=False)
+        t = trainer(tmp_path, cb, logger=logger)
+        t.validate(module, datamodule=dm, verbose=False)
+        run_dir = Path(logger.experiment.dir)
+        run_config = dict(logger.experiment.config)
+        wandb.finish()
+    finally:
+        os.environ["WANDB_MODE"] = "disabled"
+    pngs = sorted(run_dir.glob("media/images/robustness/saliency/gradient*.png"))
+    assert pngs, sorted(str(p) for p in run_dir.rglob("*.png"))
+    png = torch.from_numpy(__import__("numpy").array(Image.open(pngs[0]).convert("RGB"))).permute(2, 0, 1)
+    # the first tile (after 2 px padding) is the clean image, nearest-upsampled x5 (12 px -> 60 px)
     dm.setup()
-    cb = callback(attacks=["er"], methods=["gradient", "smoothgrad"], method_kwargs={"smoothgrad": {"num_samples": 2}},
-                  log_images=True, num_images=3, thickness=False, correlations=False, pool=2)
-    fake_trainer = SimpleNamespace(
-        datamodule=dm, global_rank=0, world_size=1, is_global_zero=True, current_epoch=4, global_step=9,
-        loggers=[FakeWandb()],
-    )
-    values, images = cb.evaluate(fake_trainer, module)
-    assert set(images) == {"er/gradient", "er/smoothgrad"}
-    assert "robustness/p_at_k/er/smoothgrad" in values
-    cb._log_images(fake_trainer, images)
-    calls = fake_trainer.loggers[0].calls
-    assert [c[0] for c in calls] == ["robustness/saliency/er/gradient", "robustness/saliency/er/smoothgrad"]
-    grid = calls[0][1][0]
-    assert grid.dim() == 3 and grid.shape[0] == 3 and calls[0][2] == 9
+    first = int(cb.eval_subset(t, "validate").shard[0])
+    x = dm.val_dataset[first][0]
+    tile = png[:, 2:62, 2:62].float()
+    expected = (F.interpolate(x[None], scale_factor=5, mode="nearest")[0] * 255).round()
+    assert tile.max() > 100 and (tile[0] - tile[1]).abs().max() > 30  # bright, colourful: not zeros, not grey
+    assert (tile - expected).abs().max() <= 1.0
+    assert any(run_dir.rglob("*p_at_k_table*")) and any(run_dir.rglob("*p_at_k_vs_eps*"))
+    settings = run_config["callbacks/RankingRobustness"]  # the evaluation settings in the run config
+    assert settings["eps"] == ["8/255"] and settings["num_samples"] == 10 and settings["steps"] == 2
 
 
-# ------------------------------------------------------------------ DDP equality
-def _ddp_callback() -> RankingRobustness:
-    return callback(num_samples=11, batch_size=3, random_start=True, methods=["gradient", "smoothgrad"],
-                    method_kwargs={"smoothgrad": {"num_samples": 2}})
-
-
-def test_two_process_ddp_equals_single_process(tmp_path):
-    single_cb = _ddp_callback()
-    single = trainer(tmp_path / "one", single_cb, precision="64-true")
-    single.validate(TinyModule(), datamodule=TinyDataModule(val_size=20), verbose=False)
-    want = {k: float(v) for k, v in single.callback_metrics.items() if k.startswith("robustness/")}
-    assert len(want) > 20
-
-    ddp = trainer(tmp_path / "two", _ddp_callback(), precision="64-true", devices=2, strategy="ddp_spawn")
-    ddp.validate(TinyModule(), datamodule=TinyDataModule(val_size=20), verbose=False)
-    got = {k: float(v) for k, v in ddp.callback_metrics.items() if k.startswith("robustness/")}
-    assert got.keys() == want.keys()
-    for name in want:
-        assert got[name] == pytest.approx(want[name], abs=1e-6), name
+def test_progress_is_shown_while_the_evaluation_runs(tmp_path, capsys):
+    t = trainer(tmp_path, callback(eps=[8 / 255]), enable_progress_bar=True)
+    t.validate(TinyModule(), datamodule=TinyDataModule(), verbose=False)
+    assert "RankingRobustness (validate)" in capsys.readouterr().err

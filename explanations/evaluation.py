@@ -1,0 +1,641 @@
+"""The one explanation-robustness evaluation protocol (DESIGN §5), framework-free.
+
+The per-epoch callback (``callbacks.RankingRobustness``), the standalone evaluation
+(``train.py validate|test -c configs/evaluate.yaml``) and the reproduction study
+(``benchmarks/reproduce``) all call :class:`EvaluationProtocol`, so the same model, images and
+settings give the same numbers everywhere.
+
+For every image x (dataset index ``id``), explanation method and budget eps (l_inf, pixel units)
+it runs an ensemble of attacks (default: ERAttack, ERAttack through a Softplus surrogate
+``surrogate_beta: auto``, MSEAttack, uniform noise of the same eps) and records per attack:
+
+- ``p_at_k``: |T_k(x) ∩ T_k(x')| / k;
+- ``spearman`` / ``kendall``: rank correlation on the union of both top-k sets;
+- ``flip_rate``: 1 where the returned image's prediction differs from the clean one;
+- ``localization``: top-k share inside the ground-truth mask (datasets with masks);
+
+plus the per-image **worst case** over the ensemble: at eps_j it is the (attack, eps_i <= eps_j)
+result with the lowest P@k (a smaller ball lies inside the larger one), so the worst-case P@k of
+an image never increases with eps and is at most every single attack's, noise included. Ties
+keep the earlier eps, then the earlier attack of the list; the other metrics of the worst case
+are those of the chosen result. Thickness (``all_pairs`` and ``boundary``,
+``ranking_metrics.thickness_estimates``) is measured at ``thickness_eps`` (default: the largest eps).
+
+Randomness is keyed by (seed, id): attack starts, the noise baseline (``attacks.UniformNoise``,
+stream ``NOISE_STREAM``),
+thickness end points, and the PSE target draws (:func:`pse_target_uniform`), so batches, DDP
+shards and the three callers agree sample for sample.
+
+Values are per image (``EvaluationResult.values``: flat keys like ``p_at_k/worst/gradient/eps_8``,
+tensors (N,)); :func:`summary` turns their means into the JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from explanations.attacks import ATTACKS, NOISE_STREAM, UniformNoise, build_attack
+from explanations.explainers import check_method, eval_mode, explain_with_logits, seeded_uniform
+from explanations.ranking_metrics import (
+    CORRELATIONS,
+    localization_share,
+    precision_at_k,
+    rank_correlation,
+    thickness_estimates,
+)
+from explanations.regularizers import check_pair_set
+from explanations.saliency import check_target, num_features, resolve_k
+
+NOISE = "noise"
+WORST = "worst"
+PSE_TARGET_STREAM = 611  # seeded_uniform stream of the PSE ``random`` target rule
+DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+DEFAULT_ENSEMBLE: tuple[dict[str, Any], ...] = (
+    {"name": "er", "kwargs": {"surrogate_beta": None}},
+    {"name": "er_surrogate", "attack": "er", "kwargs": {"surrogate_beta": "auto"}},
+    {"name": "mse"},
+    {"name": NOISE},
+)
+THICKNESS_PAIRS: tuple[str, ...] = ("all_pairs", "boundary")
+_SPEC_KEYS = {"name", "attack", "kwargs"}
+
+
+def pse_target_uniform(ids: Tensor, seed: int) -> Tensor:
+    """The PSE ``random`` target draw per sample (B,) float64 in (0, 1), keyed by (seed, id)."""
+    return seeded_uniform(ids, (), seed, PSE_TARGET_STREAM, torch.float64)
+
+
+def eps_label(eps: float) -> str:
+    """``8/255`` for eps = 8/255 (JSON keys); non-integer multiples as ``0.5/255``."""
+    v = eps * 255
+    return f"{round(v)}/255" if abs(v - round(v)) < 1e-6 else f"{v:.3g}/255"
+
+
+def eps_tag(eps: float) -> str:
+    """``eps_8`` for eps = 8/255 (metric-name suffix)."""
+    return f"eps_{eps * 255:.3g}"
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One ensemble member: display ``name``, ``attack`` (a key of ATTACKS or ``noise``), kwargs."""
+
+    name: str
+    attack: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = True) -> list[AttackSpec]:
+    """Ensemble specs from names or ``{name, attack, kwargs}`` dicts (None: the default ensemble).
+
+    ``noise=True`` appends the noise baseline when the list has none; ``False`` removes it.
+    """
+    items = list(DEFAULT_ENSEMBLE if attacks is None else attacks)
+    valid = sorted([*ATTACKS, NOISE])
+    specs: list[AttackSpec] = []
+    for item in items:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"attack entry {item!r} must be a name or a dict with a 'name' (and 'attack', 'kwargs')")
+        unknown = sorted(set(item) - _SPEC_KEYS)
+        if unknown:
+            raise ValueError(f"attack entry {item!r} has unknown keys {unknown}; valid: {sorted(_SPEC_KEYS)}")
+        name, kind = str(item["name"]), str(item.get("attack", item["name"]))
+        if kind not in valid:
+            raise ValueError(f"attack {kind!r} (entry {name!r}) is not known; valid: {valid}")
+        if name == WORST:
+            raise ValueError(f"attack name {WORST!r} is reserved for the worst case over the ensemble")
+        kwargs = dict(item.get("kwargs") or {})
+        specs.append(AttackSpec(name, kind, kwargs))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"attack names must be unique, got {names}")
+    if not noise:
+        specs = [s for s in specs if s.attack != NOISE]
+    elif not any(s.attack == NOISE for s in specs):
+        specs.append(AttackSpec(NOISE, NOISE))
+    if not specs:
+        raise ValueError("the attack ensemble is empty: give at least one attack or keep the noise baseline")
+    return specs
+
+
+def _resolve_surrogate(model: nn.Module, value: Any, example: Tensor | None) -> float | None:
+    """``surrogate_beta`` of an attack: ``auto`` / a number / None (see explanations.activations)."""
+    from explanations.activations import resolve_surrogate
+
+    return resolve_surrogate(model, value, example)
+
+
+@dataclass
+class EvaluationResult:
+    """Per-image values (N,) under flat keys (see the module docstring), their ids and notes.
+
+    ``images``: up to ``keep_images`` images per method for plots: ``x``, ``s`` (clean saliency),
+    ``x_adv``, ``s_adv`` and ``source`` (attack name) of the worst case at the largest eps.
+    """
+
+    values: dict[str, Tensor]
+    ids: Tensor
+    notes: list[str] = field(default_factory=list)
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per attack (all eps, methods)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.ids.numel())
+
+    def means(self) -> dict[str, float]:
+        """Mean of every key over the images (NaNs, e.g. undefined correlations, left out)."""
+        total, count = sums_and_counts(self.values)
+        return means_from_sums(sorted(self.values), total, count)
+
+    @staticmethod
+    def cat(parts: Sequence["EvaluationResult"]) -> "EvaluationResult":
+        """Concatenate batch results (same keys), images from the first batches."""
+        if not parts:
+            raise ValueError("no batch results to concatenate")
+        keys = list(parts[0].values)
+        values = {k: torch.cat([p.values[k] for p in parts]) for k in keys}
+        images: dict[str, dict[str, Any]] = {}
+        seconds: dict[str, float] = {}
+        for p in parts:
+            for method, item in p.images.items():
+                images.setdefault(method, item)
+            for name, sec in p.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + sec
+        return EvaluationResult(values, torch.cat([p.ids for p in parts]), list(parts[0].notes), images, seconds)
+
+
+def sums_and_counts(values: dict[str, Tensor], keys: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+    """float64 sums and counts of the non-NaN values of each key (``keys``, default the sorted keys
+    of ``values``; a missing key counts nothing): (K,), (K,)."""
+    keys = sorted(values) if keys is None else list(keys)
+    total = torch.zeros(len(keys), dtype=torch.float64)
+    count = torch.zeros(len(keys), dtype=torch.float64)
+    for i, key in enumerate(keys):
+        if key not in values:
+            continue
+        v = values[key].detach().double().flatten().cpu()
+        ok = ~torch.isnan(v)
+        total[i], count[i] = v[ok].sum(), ok.sum()
+    return total, count
+
+
+def means_from_sums(keys: Sequence[str], total: Tensor, count: Tensor) -> dict[str, float]:
+    """{key: sum / count} (NaN where nothing was counted), e.g. after a DDP sum-reduction."""
+    return {k: (float(t / c) if c > 0 else float("nan")) for k, t, c in zip(keys, total.tolist(), count.tolist())}
+
+
+class EvaluationProtocol:
+    """Attack-ensemble evaluation of explanation rankings (see the module docstring).
+
+    Args:
+        eps: l_inf budgets in pixel units (default 1, 2, 4, 8 /255); sorted ascending.
+        attacks: ensemble members: names (``er``, ``mse``, ``noise``) or dicts ``{name, attack,
+            kwargs}`` (kwargs of the attack class, e.g. ``steps``, ``restarts``, ``surrogate_beta``;
+            ``draws`` for noise); None = ERAttack without surrogate, ERAttack with
+            ``surrogate_beta: auto``, MSEAttack, noise.
+            ``surrogate_beta: auto`` resolves per model (explanations.activations); a member whose
+            auto surrogate is None (a smooth model) is dropped with a note, since it would equal
+            the same attack without one.
+        noise: keep (append) the uniform-noise baseline.
+        k: top-k size (count, or fraction of the n features). target: ``loss`` or ``logit``.
+        pool: saliency pooling (None: pixels). pair_set: ERAttack's J.
+        methods, method_kwargs: explanation methods attacked and their options.
+        seed: keys every per-sample random draw (with the dataset index).
+        steps: attack steps; attack_kwargs: settings passed to every attack (e.g. step_size).
+        correlations, localization, thickness: which metrics to compute;
+        thickness_samples, thickness_points, thickness_eps: Monte-Carlo thickness settings.
+
+    Examples:
+        >>> protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], k=10, steps=5)
+        >>> result = protocol.evaluate(model, [(x, y, ids)])          # doctest: +SKIP
+        >>> summary(protocol, result.means(), result.num_images)      # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        eps: float | Sequence[float] = DEFAULT_EPS,
+        attacks: Sequence[str | dict[str, Any]] | None = None,
+        noise: bool = True,
+        k: int | float = 0.1,
+        target: str = "loss",
+        pool: int | None = None,
+        pair_set: str = "boundary",
+        methods: Sequence[str] = ("gradient",),
+        method_kwargs: dict[str, dict[str, Any]] | None = None,
+        seed: int = 0,
+        steps: int = 10,
+        attack_kwargs: dict[str, Any] | None = None,
+        correlations: bool = True,
+        localization: bool = True,
+        thickness: bool = True,
+        thickness_samples: int = 2,
+        thickness_points: int = 4,
+        thickness_eps: float | None = None,
+    ) -> None:
+        eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
+        if not eps_list or any(not (math.isfinite(e) and 0 <= e <= 1) for e in eps_list):
+            raise ValueError(f"eps={eps!r} must be a budget in [0, 1] (pixel units, e.g. 8/255) or a non-empty list of them")
+        if len(set(eps_list)) != len(eps_list):
+            raise ValueError(f"eps={eps!r} lists a budget twice")
+        self.eps = sorted(eps_list)
+        self.specs = parse_attacks(attacks, noise)
+        self.methods = list(methods)
+        if not self.methods:
+            raise ValueError("methods must name at least one explanation method")
+        self.method_kwargs = {m: dict(v) for m, v in (method_kwargs or {}).items()}
+        unknown = sorted(set(self.method_kwargs) - set(self.methods))
+        if unknown:
+            raise ValueError(f"method_kwargs given for {unknown}, which are not in methods={self.methods}")
+        for method in self.methods:
+            check_method(method, self.method_kwargs.get(method))
+        check_target(target)
+        check_pair_set(pair_set)
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0:
+            raise ValueError(f"k={k!r} must be a positive integer count or a fraction in (0, 1)")
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps={steps!r} must be a non-negative integer")
+        for name, value in (("thickness_samples", thickness_samples), ("thickness_points", thickness_points)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if thickness_eps is not None and not 0 <= thickness_eps <= 1:
+            raise ValueError(f"thickness_eps={thickness_eps!r} must be in [0, 1] (pixel units) or null")
+        if pool is not None and (not isinstance(pool, int) or pool < 1):
+            raise ValueError(f"pool={pool!r} must be a positive integer or null")
+        self.k, self.target, self.pool, self.pair_set = k, target, (pool if pool and pool > 1 else None), pair_set
+        self.seed, self.steps, self.attack_kwargs = int(seed), steps, dict(attack_kwargs or {})
+        self.correlations, self.localization, self.thickness = correlations, localization, thickness
+        self.thickness_samples, self.thickness_points = thickness_samples, thickness_points
+        self.thickness_eps = float(thickness_eps) if thickness_eps is not None else max(self.eps)
+        self._prepared: tuple[int, list[AttackSpec], list[str]] | None = None
+        self.k_count: int | None = None  # k as a count, once checked against the data
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def names(self) -> list[str]:
+        """Attack names in ensemble order (before per-model resolution)."""
+        return [s.name for s in self.specs]
+
+    def settings(self) -> dict[str, Any]:
+        """The protocol's settings as plain data (for run configs and reports)."""
+        return dict(
+            eps=[eps_label(e) for e in self.eps], attacks=[dict(name=s.name, attack=s.attack, kwargs=s.kwargs) for s in self.specs],
+            k=self.k, target=self.target, pool=self.pool, pair_set=self.pair_set, methods=self.methods,
+            method_kwargs=self.method_kwargs, seed=self.seed, steps=self.steps, attack_kwargs=self.attack_kwargs,
+            thickness=self.thickness, thickness_samples=self.thickness_samples,
+            thickness_points=self.thickness_points, thickness_eps=eps_label(self.thickness_eps),
+        )
+
+    def check_data(self, height: int, width: int) -> int:
+        """Check k (and pool) against images of height x width; returns k as a count."""
+        if self.pool is not None and (height % self.pool or width % self.pool):
+            raise ValueError(f"pool={self.pool} does not divide the {height}x{width} images")
+        n = num_features(height, width, self.pool)
+        self.k_count = resolve_k(self.k, n)
+        return self.k_count
+
+    def prepare(self, model: nn.Module, example: Tensor) -> tuple[list[AttackSpec], list[str]]:
+        """Resolve the ensemble for ``model`` (surrogate ``auto``) and build every attack once, so a
+        bad setting fails before any work. Returns (specs, notes)."""
+        if self._prepared is not None and self._prepared[0] == id(model):
+            return self._prepared[1], self._prepared[2]
+        self.check_data(*example.shape[-2:])
+        specs, notes = [], []
+        for spec in self.specs:
+            kwargs = dict(spec.kwargs)
+            if spec.attack != NOISE and "surrogate_beta" in kwargs:
+                beta = _resolve_surrogate(model, kwargs["surrogate_beta"], example)
+                if beta is None and kwargs["surrogate_beta"] == "auto":
+                    notes.append(
+                        f"attack {spec.name!r} dropped: the model has no ReLU-type activations, so "
+                        f"surrogate_beta=auto is no surrogate and {spec.name!r} would repeat {spec.attack!r}"
+                    )
+                    continue
+                kwargs["surrogate_beta"] = beta
+            resolved = AttackSpec(spec.name, spec.attack, kwargs)
+            self._build(resolved, model, self.methods[0], self.eps[-1])  # validates the kwargs
+            specs.append(resolved)
+        self._prepared = (id(model), specs, notes)
+        return specs, notes
+
+    def _build(self, spec: AttackSpec, model: nn.Module, method: str, eps: float):
+        if spec.attack == NOISE:
+            return UniformNoise(model, eps=eps, seed=self.seed, k=self.k, method=method,
+                                method_kwargs=self.method_kwargs.get(method) or None, target=self.target,
+                                pool=self.pool, **spec.kwargs)
+        kwargs = dict(
+            eps=eps, steps=self.steps, k=self.k, pair_set=self.pair_set, method=method,
+            method_kwargs=self.method_kwargs.get(method) or None, target=self.target, pool=self.pool,
+            seed=self.seed,
+        )
+        kwargs.update(self.attack_kwargs)
+        kwargs.update(spec.kwargs)
+        return build_attack(spec.attack, model, **kwargs)
+
+    def keys(self, specs: Sequence[AttackSpec], has_mask: bool) -> list[str]:
+        """Every per-image key one evaluation produces (sorted), the same on every rank."""
+        out = ["accuracy"]
+        sources = [s.name for s in specs] + [WORST]
+        metrics = ["p_at_k", "flip_rate"] + (list(CORRELATIONS) if self.correlations else [])
+        if has_mask and self.localization:
+            metrics.append("localization")
+        for method in self.methods:
+            if has_mask and self.localization:
+                out.append(f"localization/clean/{method}")
+            if self.thickness:
+                out += [f"thickness/{p}/{method}" for p in THICKNESS_PAIRS]
+            out += [f"{m}/{src}/{method}/{eps_tag(e)}" for m in metrics for src in sources for e in self.eps]
+        return sorted(out)
+
+    # ------------------------------------------------------------------ the evaluation
+    def evaluate_batch(
+        self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, mask: Tensor | None = None,
+        keep_images: int = 0,
+    ) -> EvaluationResult:
+        """Per-image values of one batch: x (B, C, H, W) in [0, 1], y (B,), ids (B,) dataset
+        indices, mask (B, H, W) or None. The model runs in eval mode (restored)."""
+        specs, notes = self.prepare(model, x)
+        x, ids = x.detach(), ids.to(x.device)
+        values: dict[str, Tensor] = {}
+        images: dict[str, dict[str, Any]] = {}
+        seconds: dict[str, float] = {spec.name: 0.0 for spec in specs}
+        keep = min(int(keep_images), x.shape[0])
+        with torch.enable_grad(), eval_mode(model):
+            for m_idx, method in enumerate(self.methods):
+                mkw = self.method_kwargs.get(method, {})
+                clean = explain_with_logits(model, x, y, method, self.target, self.pool, **mkw)
+                s0, pred0 = clean.saliency.detach(), clean.logits.detach().argmax(1)
+                classes = pred0 if self.target == "logit" else None
+                if m_idx == 0:
+                    values["accuracy"] = (pred0 == y).float()
+                if mask is not None and self.localization:
+                    values[f"localization/clean/{method}"] = localization_share(s0, mask, self.k, self.pool)
+                if self.thickness:
+                    thick = thickness_estimates(
+                        model, x, y, self.k, self.thickness_eps, self.thickness_samples, self.thickness_points,
+                        method, self.target, self.pool, ids, self.seed, mkw, s_clean=s0, classes=pred0,
+                        pairs=("all", "boundary"),
+                    )
+                    values[f"thickness/all_pairs/{method}"] = thick["all"].detach()
+                    values[f"thickness/boundary/{method}"] = thick["boundary"].detach()
+                worst: dict[str, Tensor] | None = None
+                worst_img: dict[str, Any] | None = None
+                for eps in self.eps:
+                    tag = eps_tag(eps)
+                    for spec in specs:
+                        start = time.perf_counter()
+                        x_adv = self._build(spec, model, method, eps)(x, y, ids=ids).detach()
+                        adv = explain_with_logits(model, x_adv, y, method, self.target, self.pool, classes=classes, **mkw)
+                        seconds[spec.name] += time.perf_counter() - start
+                        s_adv = adv.saliency.detach()
+                        row = {"p_at_k": precision_at_k(s0, s_adv, self.k),
+                               "flip_rate": (adv.logits.detach().argmax(1) != pred0).float()}
+                        if self.correlations:
+                            for corr in CORRELATIONS:
+                                row[corr] = rank_correlation(s0, s_adv, self.k, corr)
+                        if mask is not None and self.localization:
+                            row["localization"] = localization_share(s_adv, mask, self.k, self.pool)
+                        for metric, v in row.items():
+                            values[f"{metric}/{spec.name}/{method}/{tag}"] = v
+                        # running worst case over (eps' <= eps, attacks): strictly lower P@k wins
+                        if worst is None:
+                            worst = dict(row)
+                            take = torch.ones_like(row["p_at_k"], dtype=torch.bool)
+                        else:
+                            take = row["p_at_k"] < worst["p_at_k"]
+                            worst = {m: torch.where(take, row[m], worst[m]) for m in worst}
+                        if keep:
+                            t = take[:keep]
+                            if worst_img is None:
+                                worst_img = dict(x_adv=x_adv[:keep].clone(), s_adv=s_adv[:keep].clone(), source=[spec.name] * keep)
+                            else:
+                                worst_img["x_adv"][t] = x_adv[:keep][t]
+                                worst_img["s_adv"][t] = s_adv[:keep][t]
+                                worst_img["source"] = [spec.name if ti else s for ti, s in zip(t.tolist(), worst_img["source"])]
+                    for metric, v in worst.items():
+                        values[f"{metric}/{WORST}/{method}/{tag}"] = v.clone()
+                if keep and worst_img is not None:
+                    images[method] = dict(x=x[:keep].cpu(), s=s0[:keep].cpu(), x_adv=worst_img["x_adv"].cpu(),
+                                          s_adv=worst_img["s_adv"].cpu(), source=worst_img["source"],
+                                          ids=ids[:keep].cpu(), eps=self.eps[-1])
+        values = {k: v.detach().float().cpu() for k, v in values.items()}
+        return EvaluationResult(values, ids.detach().cpu(), list(notes), images, seconds)
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None,
+                 keep_images: int = 0, progress=None) -> EvaluationResult:
+        """Evaluate every batch: items ``(x, y, ids)``, ``(x, y, ids, mask)`` or objects with
+        ``x, y, ids, mask`` attributes. ``progress(i, n_images_done)`` is called after each batch."""
+        parts, done = [], 0
+        params = next(iter(model.parameters()), None)
+        dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
+        for i, batch in enumerate(batches):
+            if isinstance(batch, (tuple, list)):
+                x, y, ids, mask = (*batch, None)[:4]
+            else:
+                x, y, ids, mask = batch.x, batch.y, batch.ids, batch.mask
+            if device is not None:
+                x, y, ids = x.to(device), y.to(device), ids.to(device)
+                mask = None if mask is None else mask.to(device)
+            x = x.to(dtype)
+            parts.append(self.evaluate_batch(model, x, y, ids, mask, keep_images if i == 0 else 0))
+            done += int(x.shape[0])
+            if progress is not None:
+                progress(i, done)
+        return EvaluationResult.cat(parts)
+
+
+def iter_batches(x: Tensor, y: Tensor, ids: Tensor, batch_size: int, mask: Tensor | None = None):
+    """(x, y, ids, mask) chunks of fixed tensors, e.g. a study's evaluation images."""
+    for i in range(0, x.shape[0], max(1, int(batch_size))):
+        yield x[i : i + batch_size], y[i : i + batch_size], ids[i : i + batch_size], (None if mask is None else mask[i : i + batch_size])
+
+
+# ------------------------------------------------------------------ the report
+
+
+def summary(protocol: EvaluationProtocol, means: dict[str, float], num_images: int,
+            notes: Sequence[str] = (), method: str | None = None) -> dict[str, Any]:
+    """The JSON report from the means of an evaluation (``EvaluationResult.means()`` or reduced).
+
+    ``{"num_images", "k", "accuracy", "p_at_k": {"worst"|"noise"|<attack>: {"8/255": P@k}},
+    "spearman", "kendall", "flip_rate", "localization" (same layout), "thickness": {"all_pairs",
+    "boundary"}, "methods": {<method>: the same blocks}, "attacks", "settings", "notes"}``; the
+    top-level blocks are those of ``method`` (default: the first method).
+    """
+    def clean(v: float) -> float | None:
+        return None if v is None or not math.isfinite(v) else float(v)
+
+    sources = sorted({key.split("/")[1] for key in means if key.startswith("p_at_k/")},
+                     key=lambda s: (s != WORST, s == NOISE, protocol.names.index(s) if s in protocol.names else 99, s))
+
+    def block(m: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for metric, name in (("p_at_k", "p_at_k"), ("spearman", "spearman"), ("kendall", "kendall"),
+                             ("flip_rate", "flip_rate"), ("localization", "localization")):
+            table = {src: {eps_label(e): clean(means[f"{metric}/{src}/{m}/{eps_tag(e)}"]) for e in protocol.eps}
+                     for src in sources if f"{metric}/{src}/{m}/{eps_tag(protocol.eps[0])}" in means}
+            if table:
+                out[name] = table
+        thick = {p: clean(means[f"thickness/{p}/{m}"]) for p in THICKNESS_PAIRS if f"thickness/{p}/{m}" in means}
+        if thick:
+            out["thickness"] = {p: thick.get(p) for p in THICKNESS_PAIRS}
+        if f"localization/clean/{m}" in means:
+            out["localization_clean"] = clean(means[f"localization/clean/{m}"])
+        return out
+
+    first = method or protocol.methods[0]
+    report: dict[str, Any] = {
+        "num_images": int(num_images),
+        "k": protocol.k_count if protocol.k_count is not None else protocol.k,
+        "accuracy": clean(means.get("accuracy", float("nan"))),
+        **block(first),
+        "method": first,
+        "methods": {m: block(m) for m in protocol.methods},
+        "attacks": [s for s in sources if s != WORST],
+        "eps": [eps_label(e) for e in protocol.eps],
+        "settings": protocol.settings(),
+        "notes": list(notes),
+    }
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A short Markdown rendering of :func:`summary`'s report."""
+    eps = report["eps"]
+    lines = [
+        "# Explanation robustness report", "",
+        f"{report['num_images']} images, k = {report['k']}, clean accuracy {report['accuracy']:.3f}, "
+        f"method {report['method']}.", "",
+        "P@k (share of the clean top-k still in the top-k; lower = more fragile). `worst` is the per-image "
+        "worst case over the ensemble and over all smaller budgets.", "",
+        "| attack | " + " | ".join(eps) + " |", "|---|" + "---|" * len(eps),
+    ]
+    for src, row in report["p_at_k"].items():
+        lines.append(f"| {src} | " + " | ".join("n/a" if row[e] is None else f"{row[e]:.3f}" for e in eps) + " |")
+    if "thickness" in report:
+        lines += ["", "Top-k thickness (1 = the top-k ranking never changes in the ball): "
+                  + ", ".join(f"{p} {('n/a' if v is None else f'{v:.4f}')}" for p, v in report["thickness"].items())
+                  + ". Read `boundary` (top-k vs the next k, the pairs ERAttack and R2ET's gap work on); "
+                  "`all_pairs` is dominated by easy pairs."]
+    if report.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _heat(s: Tensor, size: tuple[int, int]) -> Tensor:
+    """Saliency (N, n) -> heat maps (N, H, W) in [0, 1], each scaled by its max (nearest upsampling)."""
+    h, w = size
+    side_h = int(round((s.shape[1] * h / w) ** 0.5))
+    side_w = s.shape[1] // max(side_h, 1)
+    maps = s.reshape(-1, 1, side_h, side_w).float()
+    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    if (side_h, side_w) != (h, w):
+        maps = torch.nn.functional.interpolate(maps, size=(h, w), mode="nearest")
+    return maps[:, 0]
+
+
+def uint8_image(x: Tensor, min_side: int = 0):
+    """An image (C, H, W) in [0, 1] as a uint8 numpy array (H, W, 3) in its real colours (grey
+    images repeated), nearest-upsampled to at least ``min_side`` pixels: W&B writes uint8 as is
+    (a float array would be written unscaled, i.e. black)."""
+    x = x.detach().float().cpu()
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    scale = max(1, -(-min_side // max(x.shape[-2:]))) if min_side else 1
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x[None], scale_factor=scale, mode="nearest")[0]
+    return (x[:3].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def saliency_grid(item: dict[str, Any], min_side: int = 64) -> Tensor:
+    """uint8 image grid (3, H', W') in real colours: per row clean image | clean saliency |
+    attacked image | attacked saliency (saliency as grey heat maps). ``item``: from
+    ``EvaluationResult.images``."""
+    from torchvision.utils import make_grid
+
+    x, x_adv = item["x"].float(), item["x_adv"].float()
+    size = tuple(x.shape[-2:])
+    if x.shape[1] == 1:
+        x, x_adv = x.expand(-1, 3, -1, -1), x_adv.expand(-1, 3, -1, -1)
+    heat = lambda s: _heat(s, size).unsqueeze(1).expand(-1, 3, -1, -1)  # noqa: E731
+    tiles = torch.stack([x[:, :3], heat(item["s"]), x_adv[:, :3], heat(item["s_adv"])], 1).flatten(0, 1)
+    scale = max(1, min_side // max(size))
+    if scale > 1:
+        tiles = torch.nn.functional.interpolate(tiles, scale_factor=scale, mode="nearest")
+    grid = make_grid(tiles.clamp(0, 1), nrow=4, padding=2, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8)
+
+
+def plot_report(report: dict[str, Any], out_dir: str | Path, images: dict[str, dict[str, Any]] | None = None) -> list[Path]:
+    """PNG plots: ``p_at_k_vs_eps.png`` (worst case, each attack, noise), ``thickness.png`` and
+    ``saliency_<method>.png`` (clean vs worst-case attacked saliency). Returns the paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    eps_labels = report["eps"]
+    xs = [float(e.split("/")[0]) for e in eps_labels]
+    fig = Figure(figsize=(5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for src, row in report["p_at_k"].items():
+        ys = [float("nan") if row[e] is None else row[e] for e in eps_labels]
+        style = dict(lw=2.5, color="black") if src == WORST else dict(ls="--", color="grey") if src == NOISE else {}
+        ax.plot(xs, ys, marker="o", label=src, **style)
+    ax.set_xlabel("eps (x / 255, l_inf)")
+    ax.set_ylabel(f"P@{report['k']}")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"P@k vs eps ({report['method']}, {report['num_images']} images)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "p_at_k_vs_eps.png")
+    fig.savefig(paths[-1], dpi=100)
+    if report.get("thickness"):
+        fig = Figure(figsize=(4, 3))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        names = list(report["thickness"])
+        vals = [report["thickness"][n] or 0.0 for n in names]
+        ax.bar(names, vals, color=["tab:blue", "tab:orange"][: len(names)])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(min(vals + [1.0]) - 0.05, 1.0)
+        ax.set_title(f"top-k thickness at eps {report['settings']['thickness_eps']}")
+        fig.tight_layout()
+        paths.append(out / "thickness.png")
+        fig.savefig(paths[-1], dpi=100)
+    for method, item in (images or {}).items():
+        grid = saliency_grid(item)
+        fig = Figure(figsize=(6, 1.5 * len(item["source"]) + 0.6))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_axis_off()
+        ax.set_title(f"{method}: clean | clean saliency | worst attack at {eps_label(item['eps'])} | its saliency\n"
+                     f"attacks: {', '.join(item['source'])}", fontsize=8)
+        fig.tight_layout()
+        paths.append(out / f"saliency_{method}.png")
+        fig.savefig(paths[-1], dpi=100)
+    return paths
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, images: dict[str, dict[str, Any]] | None = None) -> list[Path]:
+    """Write ``robustness_report.json``, ``robustness_report.md`` and the PNG plots into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "robustness_report.json").write_text(json.dumps(report, indent=2))
+    (out / "robustness_report.md").write_text(markdown(report))
+    return [out / "robustness_report.json", out / "robustness_report.md", *plot_report(report, out, images)]
