@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
+from explanations.saliency import num_features
 from lightning_modules.backbones import build_backbone
 from lightning_modules.reliability import (
     architecture_differences,
@@ -110,8 +111,7 @@ class RobustClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
+        check_objective_settings(objective, k, pool, objective_kwargs)
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r} is not valid; use 'error' or 'skip'")
         self.objective = build_objective(
@@ -176,6 +176,13 @@ class RobustClassifier(L.LightningModule):
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
             self._saved_tf32 = None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the W&B run id, so that ``fit --ckpt_path`` continues the same W&B run."""
+        for logger in self.loggers if self._trainer is not None else []:
+            run_id = getattr(logger, "run_id", None)
+            if run_id:
+                checkpoint["wandb_run_id"] = str(run_id)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (``--ckpt_path``) a checkpoint of another architecture, listing what differs.
 
@@ -203,6 +210,9 @@ class RobustClassifier(L.LightningModule):
         return self.trainer.strategy.reduce(values, reduce_op="mean")
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_against_data(self.hparams, datamodule)
         # Under DDP each rank sees batch_size samples; the adaptive weights use the statistics of
         # the global batch (one 3-float all-reduce per step), so a run on N ranks computes the same
         # loss as one process on the N-times larger batch.
@@ -236,6 +246,7 @@ class RobustClassifier(L.LightningModule):
             names = list(terms)
             reduced = self._mean_over_ranks(torch.stack([terms[n].detach().float() for n in names]))
             terms = dict(zip(names, reduced.unbind()))
+        terms = with_regularizer_contribution(terms)
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss")
         return out.loss
@@ -275,6 +286,106 @@ class RobustClassifier(L.LightningModule):
 
 
 FP16_PRECISIONS = ("16", "16-mixed", "16-true")
+
+#: Keys ``model.objective_kwargs`` accepts per objective; every other setting is a top-level
+#: ``model.*`` argument (k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature,
+#: target, pool). An objective not listed here (registered by user code) gets its kwargs unchecked.
+OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "vanilla": (), "r2et": (), "r2et_noh": (), "r2et_mm": (), "r2et_mm_noh": (), "est_h": (),
+    "grad_norm": (),
+    "at": ("eps", "steps", "step_size", "clean_weight", "random_start", "step", "method",
+           "attack_k", "attack_pair_set"),
+}
+
+
+def check_k(k: object, name: str = "k") -> None:
+    """One rule for ``k``: an int >= 1 is a count of features, a float in (0, 1) a fraction of them.
+
+    A float that is a whole number (``1.0``, ``100.0``) is refused: it reads as "all features" to
+    some and as "one feature" to others; write ``k: 1`` (count) or ``k: 0.5`` (fraction).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ValueError(f"{name}={k!r} is not valid: give an integer count >= 1 or a fraction in (0, 1)")
+    if isinstance(k, float) and not 0.0 < k < 1.0:
+        hint = f" (for a count write {name}: {int(k)})" if k.is_integer() and k >= 1 else ""
+        raise ValueError(f"{name}={k!r} is not valid: a float k is a fraction of the features and must be in (0, 1){hint}; an integer k >= 1 is a count")
+    if isinstance(k, int) and k < 1:
+        raise ValueError(f"{name}={k!r} is not valid: give an integer count >= 1 or a fraction in (0, 1)")
+
+
+def check_objective_settings(
+    objective: str, k: object, pool: int | None, objective_kwargs: dict[str, Any] | None
+) -> None:
+    """Refuse an unknown objective, an invalid ``k``/``pool`` and unknown ``objective_kwargs`` keys.
+
+    The error names the value and lists the valid ones (the objective factories would otherwise
+    ignore unknown keys, e.g. a typo ``stepz: 3``).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
+    check_k(k)
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise ValueError(f"pool={pool!r} is not valid: give null (no pooling) or an integer >= 1 that divides the image size")
+    if objective_kwargs is not None and not isinstance(objective_kwargs, dict):
+        raise ValueError(f"objective_kwargs={objective_kwargs!r} must be a mapping of option names to values")
+    valid = OBJECTIVE_OPTIONS.get(objective)
+    unknown = sorted(set(objective_kwargs or {}) - set(valid)) if valid is not None else []
+    if unknown:
+        shared = "k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature, target, pool"
+        listed = f"valid objective_kwargs for {objective!r}: {list(valid)}" if valid else f"objective {objective!r} takes no objective_kwargs"
+        raise ValueError(
+            f"objective_kwargs key(s) {unknown} not known for objective={objective!r}; {listed} "
+            f"(the shared settings {shared} are top-level model.* arguments)"
+        )
+    if "attack_k" in (objective_kwargs or {}):
+        check_k(objective_kwargs["attack_k"], "objective_kwargs.attack_k")
+
+
+def check_against_data(hparams: Any, datamodule: Any) -> None:
+    """Refuse a model whose ``num_classes``, ``in_chans``, ``k`` or ``pool`` cannot fit the data.
+
+    Uses the DataModule contract properties (``num_classes``, ``in_chans``, ``image_size``), which
+    every project DataModule has before ``setup``; a DataModule without them is not checked.
+    """
+    problems = []
+    for key in ("num_classes", "in_chans"):
+        have, want = hparams.get(key), getattr(datamodule, key, None)
+        if want is not None and have is not None and int(have) != int(want):
+            problems.append(f"model.{key}={have} but the data ({type(datamodule).__name__}) has {key}={want}; set model.{key}: {want}")
+    size = getattr(datamodule, "image_size", None)
+    objective = hparams.get("objective")
+    uses_k = objective in ("r2et", "r2et_noh", "r2et_mm", "r2et_mm_noh", "at")
+    if size is not None:
+        pool = hparams.get("pool")
+        if pool and pool > 1 and size % pool:
+            problems.append(f"model.pool={pool} does not divide the image size {size}; valid: a divisor of {size}")
+        n = num_features(size, size, pool)
+        ks = [("model.k", hparams.get("k"))] if uses_k else []
+        attack_k = (hparams.get("objective_kwargs") or {}).get("attack_k")
+        if objective == "at" and attack_k is not None:
+            ks = [("model.objective_kwargs.attack_k", attack_k)]
+        for name, k in ks:
+            if isinstance(k, int) and not 1 <= k <= n:
+                problems.append(f"{name}={k} is out of range for {size}x{size} images (pool={pool}): "
+                                f"{n} saliency features; valid: an integer in [1, {n}] or a fraction in (0, 1)")
+    if problems:
+        raise ValueError("the model does not fit the data: " + "; ".join(problems))
+
+
+def with_regularizer_contribution(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add ``reg = loss - ce`` and ``weighted_<t> = lambda_<t> * t`` for each weighted term ``t``.
+
+    Under adaptive weights ``loss`` can be close to ``ce`` while the terms are large (their
+    weighted sum nearly cancels); these show what the regularizer adds to the loss.
+    """
+    if "loss" not in terms or "ce" not in terms or "ce_adv" in terms:
+        return terms
+    out = dict(terms)
+    out["reg"] = terms["loss"] - terms["ce"]
+    for name in [n[len("lambda_"):] for n in terms if n.startswith("lambda_")]:
+        if name in terms:
+            out[f"weighted_{name}"] = terms[f"lambda_{name}"] * terms[name]
+    return out
 
 
 def check_precision(objective: str, precision: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -15,6 +16,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.reliability import ensure_writable_dir
+
+
+#: Name of the uploaded LightningCLI configuration in the W&B run's files.
+CONFIG_FILE = "lightning_config.yaml"
 
 
 def wandb_credentials_available() -> bool:
@@ -92,6 +97,64 @@ class RobustWandbLogger(WandbLogger):
             project=project, entity=entity, name=name, save_dir=save_dir, offline=offline,
             log_model=log_model, tags=tags, **kwargs,
         )
+
+    # ---- what the run shows: full config, resumed runs, nothing left by a failed setup
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id once the run exists (stored in checkpoints for resuming), else None."""
+        return getattr(self._experiment, "id", None) if self._experiment is not None else None
+
+    def resume_run(self, run_id: str) -> None:
+        """Continue the W&B run ``run_id`` (``resume="allow"``) instead of starting a new one.
+
+        Must be called before the run starts (the CLI does so for ``fit --ckpt_path``).
+        """
+        if self._experiment is not None:
+            if self._experiment.id != run_id:
+                rank_zero_info(f"W&B: run {self._experiment.id} already started; cannot continue run {run_id}")
+            return
+        self._wandb_init.update(id=run_id, resume="allow")
+        self._id = run_id
+        rank_zero_info(f"W&B: continuing run {run_id} of the checkpoint")
+
+    def log_config(self, config: dict[str, Any], path: str | None = None) -> None:
+        """Put the full resolved configuration in the run config and upload ``path`` (config.yaml)."""
+        run = self.experiment
+        if not hasattr(run, "config"):  # rank > 0 (DummyExperiment) or disabled
+            return
+        run.config.update({"cli": config, "seed_everything": config.get("seed_everything")}, allow_val_change=True)
+        if path and os.path.isfile(path) and os.path.isdir(getattr(run, "dir", None) or ""):
+            # under its own name: W&B keeps the run config in files/config.yaml
+            target = os.path.join(run.dir, CONFIG_FILE)
+            shutil.copyfile(path, target)
+            run.save(target, base_path=run.dir, policy="now")
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self._logged_metrics = True
+        super().log_metrics(metrics, step)
+
+    def finalize(self, status: str) -> None:
+        """On a run that failed before logging any metric (setup errors), remove its W&B run.
+
+        Offline runs are deleted from ``save_dir/wandb``; an online run is finished as failed.
+        """
+        if status == "failed" and not getattr(self, "_logged_metrics", False) and self._experiment is not None:
+            run = self._experiment
+            run_dir = Path(getattr(run, "dir", "") or "").parent if getattr(run, "dir", None) else None
+            offline = bool(getattr(getattr(run, "settings", None), "_offline", self._offline))
+            import wandb
+
+            try:
+                run.finish(exit_code=1, quiet=True)
+            except Exception:
+                pass
+            self._experiment = None
+            if offline and run_dir is not None and run_dir.name.startswith("offline-run-"):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                rank_zero_info(f"W&B: the run failed before logging anything; removed its offline folder {run_dir}")
+            del wandb
+            return
+        super().finalize(status)
 
     def _notice_offline(self, save_dir: str, why: str) -> None:
         if self._offline_notice_given:
