@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,12 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         text = str(exc)
-        if "Weights only load failed" in text or "weights_only" in text:
-            reason = ("it holds pickled Python objects other than tensors (refused: loading them can run "
-                      "arbitrary code)")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        looks_like_torch = zipfile.is_zipfile(path) or head[:1] == b"\x80"  # zip archive or legacy pickle
+        if looks_like_torch and ("Weights only load failed" in text or "weights_only" in text):
+            reason = ("it holds pickled Python objects other than tensors, refused by "
+                      "torch.load(weights_only=True): unpickling them can run arbitrary code")
         else:
             reason = f"it is not a PyTorch checkpoint or it is truncated ({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''})"
         raise CheckpointReadError(f"cannot read the {what} {str(path)!r}: {reason}") from None
