@@ -86,7 +86,7 @@ class RobustClassifier(L.LightningModule):
         pretrained: bool = False,
         weights_file: str | None = None,
         activation: Literal["relu", "softplus"] = "relu",
-        softplus_beta: float = 0.5,
+        softplus_beta: float = 2.0,
         cifar_stem: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         objective: str = "r2et",

@@ -143,6 +143,7 @@ class RobustCLI(LightningCLI):
                 f"error: trainer.sync_batchnorm=true cannot be used with model.objective={objective!r}: "
                 "SyncBatchNorm does not support double backward; set trainer.sync_batchnorm: false"
             )
+        self._check_callback_flags(trainer)
         if self.subcommand == "fit":
             check_output_dirs(trainer)  # before the loggers exist: their constructors may write
         precision = trainer.get("precision")
@@ -152,6 +153,23 @@ class RobustCLI(LightningCLI):
                 "its double backprop needs the input gradient unscaled, which fp16 loss scaling does not "
                 "protect from underflow; use trainer.precision: bf16-mixed or 32-true"
             )
+
+    def _check_callback_flags(self, trainer: Any) -> None:
+        """``--trainer.callbacks.KEY=V`` sets KEY on the last callback that has it: refuse it when
+        several configured callbacks have KEY (it would silently change only one of them)."""
+        callbacks = _plain(trainer.get("callbacks")) or []
+        for flag in getattr(self, "_callback_flags", []):
+            key = flag.removeprefix("init_args.")
+            if "." in key or key in ("class_path", "init_args"):
+                continue
+            having = [c.get("class_path", "?").rsplit(".", 1)[-1] for c in callbacks
+                      if isinstance(c, dict) and key in (c.get("init_args") or {})]
+            if len(having) > 1:
+                raise SystemExit(
+                    f"error: --trainer.callbacks.{flag} is ambiguous: {len(having)} callbacks have {key!r} "
+                    f"({', '.join(having)}) and the flag changes only the last one. Set it per callback in a "
+                    "config file (-c, a trainer.callbacks list), e.g. configs/debug/quick.yaml."
+                )
 
     # ---- reliability (see README "Reliability"): safe loading, writable outputs, `ckpt_path: last`
     def before_fit(self) -> None:
@@ -228,6 +246,8 @@ def main(args=None) -> RobustCLI:
     """
     args = with_default_config(sys.argv[1:] if args is None else list(args))
     RobustCLI._integer_limits = integer_batch_limits(args)
+    RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in args
+                                 if a.startswith("--trainer.callbacks.")]
     try:
         return RobustCLI(
             RobustClassifier,
