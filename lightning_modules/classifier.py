@@ -264,7 +264,7 @@ class RobustClassifier(L.LightningModule):
             terms = {"ce": nn.functional.cross_entropy(logits, y)}
         metric(logits, y)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-        for name, value in terms.items():
+        for name, value in with_regularizer_contribution(terms).items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
