@@ -138,21 +138,19 @@ class RobustWandbLogger(WandbLogger):
 
         Offline runs are deleted from ``save_dir/wandb``; an online run is finished as failed.
         """
-        if status == "failed" and not getattr(self, "_logged_metrics", False) and self._experiment is not None:
+        if (status == "failed" and not getattr(self, "_logged_metrics", False) and self._experiment is not None
+                and getattr(self, "_created_run", False)):
             run = self._experiment
             run_dir = Path(getattr(run, "dir", "") or "").parent if getattr(run, "dir", None) else None
             offline = bool(getattr(getattr(run, "settings", None), "_offline", self._offline))
-            import wandb
-
             try:
-                run.finish(exit_code=1, quiet=True)
-            except Exception:
+                run.finish(exit_code=1)
+            except Exception:  # the run is being removed: a failure to close it changes nothing
                 pass
             self._experiment = None
             if offline and run_dir is not None and run_dir.name.startswith("offline-run-"):
                 shutil.rmtree(run_dir, ignore_errors=True)
                 rank_zero_info(f"W&B: the run failed before logging anything; removed its offline folder {run_dir}")
-            del wandb
             return
         super().finalize(status)
 
@@ -169,6 +167,10 @@ class RobustWandbLogger(WandbLogger):
     @rank_zero_experiment
     def experiment(self):
         """The wandb run; if starting it online fails (network, auth), an offline run instead."""
+        if self._experiment is None and not getattr(self, "_created_run", False):
+            import wandb
+
+            self._created_run = wandb.run is None  # else the logger reuses the process's open run
         try:
             return WandbLogger.experiment.fget(self)
         except Exception as exc:  # wandb raises CommError/UsageError/AuthenticationError/timeouts
@@ -177,7 +179,7 @@ class RobustWandbLogger(WandbLogger):
             import wandb
 
             if wandb.run is not None:
-                wandb.finish(exit_code=1, quiet=True)
+                wandb.finish(exit_code=1)
             self._notice_offline(self._save_dir or ".", f"starting the online run failed ({type(exc).__name__})")
             self._offline = True
             self._wandb_init["mode"] = "offline"
