@@ -24,13 +24,13 @@ from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
 from explanations.saliency import num_features
 from lightning_modules.backbones import build_backbone
-from lightning_modules.reliability import (
+from lightning_modules.checkpoints import (
     architecture_differences,
-    batchnorm_state,
     format_differences,
-    restore_state,
+    load_model_weights,
     state_dict_differences,
 )
+from lightning_modules.reliability import batchnorm_state, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -434,53 +434,3 @@ def guard_curvature_precision(objective, device_type: str, precision: str) -> tu
         torch.backends.cuda.matmul.allow_tf32 = False
         return saved
     return None
-
-
-def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_model_weights(model: nn.Module, path: str | Path, expected_hparams: dict[str, Any] | None = None) -> None:
-    """Load a RobustClassifier checkpoint's ``model.*`` weights into ``model`` (weights_only).
-
-    A classifier whose shape differs (other num_classes) keeps its fresh initialisation; any other
-    difference is refused with the keys listed (and, given ``expected_hparams``, the architecture
-    hyper-parameters of the checkpoint that differ).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={str(path)!r}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"init_from={str(path)!r} holds no state dict")
-    if any(k.startswith("model.") for k in state):
-        state = _strip_prefix(state, "model.")
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-    own = model.state_dict()
-    classifier = _classifier_prefixes(model)
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    head_only = mismatched and all(k.startswith(classifier) for k in mismatched)
-    if head_only:
-        log.warning("init_from: classifier shape differs (%s); it keeps its fresh initialisation", mismatched)
-        state = {k: v for k, v in state.items() if k not in mismatched}
-        state.update({k: own[k] for k in mismatched})
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in mismatched if not head_only]
-    if missing or unexpected or wrong:
-        saved_hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        arch = architecture_differences(saved_hparams or {}, expected_hparams or {}) if expected_hparams else {}
-        differing = f"; {format_differences(arch, {})}" if arch else ""
-        raise ValueError(
-            f"init_from={str(path)!r} does not fit this model: missing keys {missing[:10]}, "
-            f"unexpected keys {unexpected[:10]}, shape mismatches {wrong[:10]}{differing}"
-        )
-    model.load_state_dict(state)
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    backbone = getattr(model, "backbone", model)
-    name = getattr(backbone, "pretrained_cfg", {}).get("classifier", "fc") if hasattr(backbone, "pretrained_cfg") else "fc"
-    names = name if isinstance(name, (tuple, list)) else (name,)
-    return tuple(f"backbone.{n}." for n in names) + tuple(f"{n}." for n in names)
