@@ -262,3 +262,25 @@ def test_summary_sections_nan_and_counts():
     assert pse["pse/group/frac_promotion"] == "1.0000  (over 1 counted sample; fewer than 5: the share is noise)"
     assert pse["pse/num_counted"] == "1"
     assert "pse/num_success" in explain_nan("pse/mean_P")
+
+
+def test_limited_validation_batches_see_every_class(tmp_path):
+    """Image folders list samples by class; the evaluation loader interleaves them (seeded)."""
+    from PIL import Image
+
+    from datamodules import CIFAR10DataModule, CIFAR10_CLASSES
+    from datamodules.image_folder import balanced_order
+
+    for split, n in (("train", 10), ("test", 4)):
+        for c in CIFAR10_CLASSES:
+            folder = tmp_path / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), (i * 20, 0, 0)).save(folder / f"{i}.png")
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.5, batch_size=10, augment=False, seed=3)
+    dm.setup("fit")
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        first = next(iter(loader))[1]
+        assert sorted(first.tolist()) == list(range(10)), first  # one batch: all ten classes
+    assert dm.val_dataset.targets[:5] == [0] * 5  # the dataset itself keeps its (sorted) order
+    assert balanced_order([0, 0, 1, 1, 1], seed=0) == balanced_order([0, 0, 1, 1, 1], seed=0)
