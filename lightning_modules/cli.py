@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules.checkpoints import (
+    RUNTIME_KEYS,
     AtomicCheckpointIO,
     CheckpointReadError,
     format_hparams_differences,
@@ -68,7 +69,9 @@ class RobustCLI(LightningCLI):
     - ``fit``/``validate``/``test`` without ``-c`` use ``configs/default.yaml`` (said in one line).
     - ``--ckpt_path FILE``: settings given in config files or flags that disagree with the
       checkpoint's are refused with the list of differences, unless ``--override_ckpt_hparams
-      true`` (then applied, listed); settings not given come from the checkpoint.
+      true`` (then applied, listed); settings not given come from the checkpoint, except the
+      ``RUNTIME_KEYS`` (compile, fast_batchnorm, lean_layers, nonfinite, init_from, pretrained,
+      weights_file), which are always the run's.
     - ``--ckpt_path last``: the newest checkpoint of this logger name (all versions), refused when
       it was trained with other model settings (another run sharing the log folder).
     - the model is checked against the DataModule (num_classes, in_chans, k, pool) before the
@@ -129,9 +132,9 @@ class RobustCLI(LightningCLI):
                 )
             rank_zero_info(f"--ckpt_path {ckpt_path}: applying settings that differ from the checkpoint's: {listed}")
             merged.update({k: current[k] for k in diff})
-        for key in ("compile", "fast_batchnorm", "lean_layers", "nonfinite"):
+        for key in RUNTIME_KEYS:
             if key in current:
-                merged[key] = current[key]  # how the step runs: the run decides
+                merged[key] = current[key]  # how the step runs / where it starts: the run decides
         self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
 
     def before_instantiate_classes(self) -> None:

@@ -35,7 +35,12 @@ def _quick_fit_then_validate(tmp_path, capsys, monkeypatch, piece):
     cli = _fit(tmp_path, piece)
     trainer = cli.trainer
     assert trainer.global_step == 4 and trainer.limit_val_batches == 2  # quick.yaml, integer limits
-    assert {"val/acc", "robustness/p_at_k/er/gradient"} <= set(trainer.callback_metrics)
+    metrics = trainer.callback_metrics
+    assert {"val/acc", "robustness/p_at_k/er/gradient"} <= set(metrics)
+    if "train/lambda_gap" in metrics:  # what the regularizer adds to the loss is logged
+        added = metrics["train/weighted_gap"] + metrics.get("train/weighted_curvature", 0.0)
+        assert abs(float(metrics["train/reg"] - added)) < 1e-4 * (1 + abs(float(added)))
+        assert abs(float(metrics["train/loss"] - metrics["train/ce"] - metrics["train/reg"])) < 1e-4
     ckpt = next(Path(trainer.log_dir).glob("checkpoints/*.ckpt"))
     capsys.readouterr()
     main(["validate", "-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs" / piece),

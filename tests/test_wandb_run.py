@@ -19,6 +19,7 @@ def _offline(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    _finish()  # a run left open by an earlier test would be reused by the logger
     yield
     _finish()
 
@@ -29,6 +30,7 @@ def _finish():
 
     if wandb.run is not None:
         wandb.finish()
+    wandb.teardown()  # forget process-wide settings of earlier runs (e.g. WANDB_MODE=disabled)
 
 
 def _runs(tmp_path):
