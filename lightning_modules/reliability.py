@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -143,13 +144,31 @@ def disk_full_message(exc: BaseException) -> str | None:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             where = f" while writing {exc.filename!r}" if exc.filename else ""
+            disk = _disk_of(exc.filename)
             return (
-                f"error: the disk is full{where}: {_reason(exc)}. Free space (or point the loggers and "
+                f"error: the disk is full{where}{disk}: {_reason(exc)}. Free space (or point the loggers and "
                 "checkpoints to another disk) and resume with --ckpt_path last; checkpoints are written "
                 "atomically, so the last complete one is intact."
             )
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _disk_of(filename: Any) -> str:
+    """`` (file system mounted at /x, N MiB free)`` for the folder of ``filename``, or ``""``."""
+    if not filename:
+        return ""
+    folder = Path(str(filename)).resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    mount = folder
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return f" (file system mounted at {mount})"
+    return f" (file system mounted at {mount}, {free / 2**20:.0f} MiB free)"
 
 
 def batchnorm_state(model: Any) -> list[tuple[Any, Any]]:

@@ -169,7 +169,8 @@ def test_disk_full_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before and torch.load(path, weights_only=True) == {"step": 1}
     from lightning_modules.reliability import disk_full_message
 
-    assert f"the disk is full while writing '{path}'" in disk_full_message(info.value)
+    message = disk_full_message(info.value)
+    assert f"the disk is full while writing '{path}' (file system mounted at " in message and "MiB free" in message
 
 
 def test_hparams_differences_keeps_count_and_fraction_apart():
