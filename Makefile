@@ -1,4 +1,5 @@
-# Two entry points: `make train` (main job on the built-in default) and `make test`.
+# Entry points: `make train` (main job on the built-in default), `make test`, and `make device-check`
+# (GPU check, scripts/device_check.sh: results under device_check/<time>/; ARGS="--cifar DIR").
 # Both create an isolated environment in .venv on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
-.PHONY: install train test
+.PHONY: install train test device-check
 install: $(BIN)/.installed
 
 train: install
@@ -18,3 +19,6 @@ train: install
 
 test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(ARGS)
+
+device-check: install
+	scripts/device_check.sh --python $(BIN)/python $(ARGS)

@@ -6,14 +6,18 @@ the beginning of a *new* random permutation drawn from the global RNG, so a run 
 and resumed trains on different batches than an uninterrupted one (Lightning warns "your
 dataloader is not resumable"). Two pieces make the resume exact:
 
-- :class:`SeededRandomSampler`: a ``RandomSampler`` whose permutation depends only on
-  ``(seed, epoch)`` (``set_epoch`` is called by Lightning at every epoch start). It subclasses
-  ``RandomSampler`` so that under DDP Lightning still swaps it for its ``DistributedSampler``
-  (itself a function of (seed, epoch)) exactly as it does for ``shuffle=True``.
+- :class:`SeededRandomSampler`: a ``DistributedSampler`` whose *global* order depends only on
+  ``(seed, epoch)`` (``set_epoch`` is called by Lightning at every epoch start); rank ``r`` of
+  ``W`` takes every ``W``-th index of it, so the global batch of a step (``batch_size x W``
+  samples) is the same for every world size with the same global batch. Being a
+  ``DistributedSampler``, Lightning keeps it under DDP (its own sampler's order depends on ``W``).
 - :class:`ResumableDataLoader`: a ``DataLoader`` with ``state_dict`` / ``load_state_dict``
   (Lightning saves them in the checkpoint, ``loops.fit_loop.state_dict.combined_loader``). The
-  state is the sampler seed, the epoch, the number of batches already yielded in that epoch and
-  the global RNG states (torch, CUDA, numpy, python) at save time. After ``load_state_dict`` the
+  state is the sampler seed, the epoch, the number of batches already yielded in that epoch, the
+  position in the global order in samples (batches x batch_size x world size) and the global RNG
+  states (torch, CUDA, numpy, python) at save time. A resume on another world size with the same
+  global batch continues the order exactly; with another global batch it restarts at the last
+  batch boundary before the saved position and warns (samples of the interrupted batch repeat). After ``load_state_dict`` the
   next pass of the same epoch skips the consumed batches *by index* (no image is loaded for
   them) and, just before yielding its first batch, restores the RNG states, so random
   augmentations (with ``num_workers=0``) and random objectives continue as in the uninterrupted
@@ -27,13 +31,16 @@ mid-epoch resume. Iterable datasets are not skipped (nothing to index).
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 STATE_VERSION = 1
 
@@ -46,29 +53,91 @@ def mix_seed(seed: int, *streams: int) -> int:
 
 
 def draw_seed() -> int:
-    """A seed drawn from the global torch RNG (so ``seed_everything`` fixes it)."""
+    """A sampler seed fixed by ``seed_everything``: derived from its seed (``PL_GLOBAL_SEED``)
+    where set, so it does not depend on how much of the global RNG the launch consumed (which
+    differs between world sizes); else drawn from the global torch RNG."""
+    global_seed = os.environ.get("PL_GLOBAL_SEED")
+    if global_seed is not None:
+        return mix_seed(int(global_seed), 0x5EED)
     return int(torch.empty((), dtype=torch.int64).random_().item()) & 0x7FFFFFFFFFFFFFFF
 
 
-class SeededRandomSampler(RandomSampler):
-    """Random permutation of ``range(len(data_source))`` that depends only on (seed, epoch).
+def world_layout() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    ``seed=None`` draws the seed once from the global torch RNG at construction (so
-    ``seed_everything`` makes it reproducible); a resumed run gets it back from the checkpoint.
+
+class SeededRandomSampler(DistributedSampler):
+    """Random order of ``range(N)`` that depends only on (seed, epoch), shared out over the ranks.
+
+    Global order: ``perm = randperm(N)`` from a generator seeded by ``mix_seed(seed, epoch)``,
+    padded with its own head to ``N_pad = ceil(N / W) * W`` for ``W`` ranks; rank ``r`` takes
+    ``perm[r::W]`` (``N_pad / W`` indices). With a per-rank batch ``b`` the global batch of step
+    ``s`` is the set ``perm[s*b*W : (s+1)*b*W]`` for every ``W``: any world size with the same
+    global batch ``b * W`` trains on the same batches (the padding only touches the last one
+    when ``W`` does not divide ``N``). It is a ``DistributedSampler`` so that Lightning keeps it
+    under DDP instead of swapping in its own (whose order depends on the world size).
+
+    ``seed=None`` takes the seed from :func:`draw_seed` at construction (so ``seed_everything``
+    fixes it, the same for every world size); under DDP rank 0's seed is broadcast at the first
+    pass (ranks of a torchrun job may be seeded differently); a resumed run gets it back from the
+    checkpoint. ``num_replicas`` / ``rank`` default to the process group at iteration time.
     """
 
-    def __init__(self, data_source: Sized, seed: int | None = None) -> None:
-        super().__init__(data_source)
+    def __init__(self, data_source: Sized, seed: int | None = None,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
+        # DistributedSampler.__init__ needs a process group; the layout is resolved per pass.
+        self.dataset = self.data_source = data_source
         self.seed = draw_seed() if seed is None else int(seed)
+        self._seed_shared = seed is not None
         self.epoch = 0
+        self.shuffle, self.drop_last = True, False
+        self._num_replicas, self._rank = num_replicas, rank
+
+    @property
+    def num_replicas(self) -> int:
+        return world_layout()[1] if self._num_replicas is None else int(self._num_replicas)
+
+    @property
+    def rank(self) -> int:
+        return world_layout()[0] if self._rank is None else int(self._rank)
+
+    @property
+    def num_samples(self) -> int:
+        return -(-len(self.data_source) // self.num_replicas)
+
+    @property
+    def total_size(self) -> int:
+        return self.num_samples * self.num_replicas
+
+    def set_seed(self, seed: int) -> None:
+        """Seed shared by every rank (e.g. from a checkpoint): no broadcast needed."""
+        self.seed, self._seed_shared = int(seed), True
+
+    def _share_seed(self) -> None:
+        if not self._seed_shared and self._num_replicas is None and world_layout()[1] > 1:
+            box = [self.seed]
+            dist.broadcast_object_list(box, src=0)
+            self.seed = int(box[0])
+        self._seed_shared = True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def __len__(self) -> int:
+        return self.num_samples
+
     def __iter__(self) -> Iterator[int]:
+        self._share_seed()
         g = torch.Generator()
         g.manual_seed(mix_seed(self.seed, self.epoch))
-        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+        perm = torch.randperm(len(self.data_source), generator=g)
+        pad = self.total_size - perm.numel()
+        if pad:
+            perm = torch.cat([perm, perm.repeat(-(-pad // max(perm.numel(), 1)))[:pad]])
+        return iter(perm[self.rank::self.num_replicas].tolist())
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -139,13 +208,28 @@ class ResumableDataLoader(DataLoader):
                 return int(s.seed)
         return None
 
+    def _world(self) -> int:
+        for s in self._samplers():
+            if hasattr(s, "num_replicas"):
+                return int(s.num_replicas)
+        return 1
+
+    def _global_batch(self) -> int | None:
+        return None if self.batch_size is None else int(self.batch_size) * self._world()
+
     # ------------------------------------------------------------------ Lightning's _Stateful
     def state_dict(self) -> dict[str, Any]:
+        global_batch = self._global_batch()
         return {
             "version": STATE_VERSION,
             "seed": self._seed(),
             "epoch": self._epoch() if self._epoch_of_pass is None else self._epoch_of_pass,
             "batches": int(self._yielded),
+            "epoch_done": self._epoch_of_pass is not None and int(self._yielded) >= len(self),
+            # the position in the global order, in samples: what a resume on another world size needs
+            "samples": None if global_batch is None else int(self._yielded) * global_batch,
+            "batch_size": None if self.batch_size is None else int(self.batch_size),
+            "world_size": self._world(),
             "rng": collect_rng_states(),
         }
 
@@ -155,10 +239,47 @@ class ResumableDataLoader(DataLoader):
         seed = state.get("seed")
         for s in self._samplers():
             if seed is not None and hasattr(s, "seed"):
-                s.seed = int(seed)
+                if hasattr(s, "set_seed"):
+                    s.set_seed(int(seed))
+                else:
+                    s.seed = int(seed)
             if hasattr(s, "set_epoch"):
                 s.set_epoch(int(state["epoch"]))
         self._resume = dict(state)
+
+    def _batches_to_skip(self, resume: dict[str, Any]) -> int:
+        """Batches of this pass already trained on, from the saved global-sample position.
+
+        Same global batch (``batch_size x world size``) as the saved run: ``samples / global
+        batch`` (exact, whatever the world size). Another global batch: the pass restarts at the
+        last batch boundary at or before the saved position (a warning names the samples seen
+        again); the steps then group other samples than the interrupted run did.
+        """
+        samples, global_batch = resume.get("samples"), self._global_batch()
+        if resume.get("epoch_done"):
+            return 0  # saved at the end of the epoch: this pass is a new epoch's
+        saved_b, saved_w = resume.get("batch_size"), resume.get("world_size")
+        if samples is None or global_batch is None or saved_b is None or saved_w is None:
+            return int(resume["batches"])
+        samples = int(samples)
+        skip = samples // global_batch
+        here = f"batch_size {self.batch_size} x {self._world()} processes = {global_batch}"
+        saved = f"batch_size {saved_b} x {saved_w} processes = {int(saved_b) * int(saved_w)}"
+        if int(saved_b) * int(saved_w) != global_batch:
+            repeated = samples - skip * global_batch
+            rank_zero_warn(
+                f"ResumableDataLoader: resuming with global batch {here} but the checkpoint was written with "
+                f"{saved}; the epoch continues at global sample {skip * global_batch} of the same order"
+                + (f" ({repeated} samples of the interrupted batch are trained on again)" if repeated else "")
+                + ", but later steps group other samples than an uninterrupted run (keep the global batch "
+                "for an exact resume)"
+            )
+        elif int(saved_w) != self._world():
+            rank_zero_info(
+                f"ResumableDataLoader: checkpoint from {saved}, resumed with {here}: same global batch, "
+                f"the data order continues exactly at global sample {samples}"
+            )
+        return skip
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:  # a generator: nothing runs before the first next()
@@ -167,7 +288,7 @@ class ResumableDataLoader(DataLoader):
         resume, self._resume = self._resume, None
         skip = 0
         if resume is not None and int(resume["epoch"]) == epoch and not isinstance(self.dataset, IterableDataset):
-            skip = int(resume["batches"])
+            skip = self._batches_to_skip(resume)
             if skip >= len(self):
                 skip = 0  # saved at the end of the epoch: this pass is a new epoch's
         seed = self._seed()

@@ -139,3 +139,20 @@ def test_ddp_logged_metrics_match_single_process(runs):
             same = math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5) or (math.isnan(a) and math.isnan(b))
             assert same, f"{key}: ddp {ddp[key]} vs single {single[key]}"
     assert len(single["train/loss_step"]) == STEPS
+
+
+def test_a_failure_in_one_rank_ends_the_run_with_its_message(tmp_path):
+    """Rank 1 raises at step 1 while rank 0 waits in the gradient all-reduce: the launch (train.py
+    with Lightning's own launcher, 2 gloo processes) must exit non-zero, promptly, with the message."""
+    import time
+
+    from tests.distributed.helpers import child_env, r2et_config, train_py, wait_all
+
+    config = r2et_config(tmp_path, 2, "fail", evaluation=False,
+                         extra_callbacks=({"class_path": "tests.distributed.helpers.FailOnRank", "init_args": {"step": 1}},))
+    start = time.monotonic()
+    ((code, out),) = wait_all([train_py(["fit", "-c", str(config)], tmp_path, child_env(FAIL_ON_RANK="1"))], timeout=150)
+    took = time.monotonic() - start
+    assert code != 0, out[-3000:]
+    assert "injected failure in global rank 1 at step 1" in out
+    assert took < 150, f"took {took:.0f} s"

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -151,3 +152,52 @@ def test_last_resolves_across_logger_versions(tmp_path):
     (newer / "last.ckpt").write_bytes(b"")
     os.utime(older / "last.ckpt", (1, 1))
     assert find_last_checkpoint(_Trainer()) == str(newer / "last.ckpt")  # newest wins
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_mid_epoch_resumes_on_one_process(tmp_path):
+    """A 2-process DDP run (Lightning's launcher) SIGKILLed after step 2 of 4 (the whole process group,
+    as when a node dies) resumes with ``--ckpt_path last`` on 1 process at the same global batch
+    (8 = 2 x 4 = 1 x 8) and ends where an uninterrupted 1-process run ends (BatchNorm-free model,
+    no random augmentation: per-rank BatchNorm statistics and RNG streams depend on the world size)."""
+    from tests.distributed.helpers import STEPS, child_env, r2et_config, wait_all
+
+    pause = ({"class_path": "tests.fault_injection.PauseAtStep",
+              "init_args": {"step": 2, "marker": str(tmp_path / "paused")}},)
+    victim_dir, plain_dir = tmp_path / "victim", tmp_path / "plain"
+    victim_dir.mkdir(), plain_dir.mkdir()
+    train = [sys.executable, str(ROOT / "train.py"), "fit", "-c"]
+    victim = subprocess.Popen([*train, str(r2et_config(tmp_path, 2, "victim", evaluation=False, extra_callbacks=pause))],
+                              cwd=victim_dir, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    plain = subprocess.Popen([*train, str(r2et_config(tmp_path, 1, "plain", evaluation=False))], cwd=plain_dir,
+                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "paused").exists():
+            assert victim.poll() is None, victim.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.2)
+        time.sleep(1.0)  # both ranks are past the checkpoint (rank 0 wrote the marker after it)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=60)
+    ckpts = victim_dir / "logs/csv/version_0/checkpoints"
+    assert [p.name for p in ckpts.glob("*.ckpt")] == ["epoch=0-step=2.ckpt"]
+    resumed = subprocess.Popen([*train, str(r2et_config(tmp_path, 1, "resumed", evaluation=False)), "--ckpt_path", "last"],
+                               cwd=victim_dir, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (code, out), (plain_code, plain_out) = wait_all([resumed, plain], timeout=300)
+    assert code == 0 and plain_code == 0, (out[-3000:], plain_out[-3000:])
+    assert "epoch=0-step=2.ckpt" in out
+    assert "batch_size 4 x 2 processes = 8, resumed with batch_size 8 x 1 processes = 8" in " ".join(out.split())
+    final = f"epoch=0-step={STEPS}.ckpt"
+    a = _weights(plain_dir / "logs/csv/version_0/checkpoints" / final)
+    b = _weights(victim_dir / "logs/csv/version_1/checkpoints" / final)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    plain_loss = _train_loss_by_step(_rows(plain_dir / "logs/csv/version_0"))
+    resumed_loss = _train_loss_by_step(_rows(victim_dir / "logs/csv/version_1"))
+    assert sorted(resumed_loss) == [2, 3]
+    for step, value in resumed_loss.items():
+        assert abs(value - plain_loss[step]) <= 1e-5 + 1e-4 * abs(plain_loss[step]), (step, value, plain_loss[step])
