@@ -57,7 +57,10 @@ class ConfigToLoggers(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
         config.pop("config", None)
-        path = os.path.join(trainer.log_dir, self.config_filename) if self.save_to_log_dir and trainer.log_dir else None
+        # trainer.log_dir broadcasts (a collective): this runs on rank 0 only, so read the logger's
+        first = trainer.loggers[0] if trainer.loggers else None
+        log_dir = (getattr(first, "log_dir", None) or getattr(first, "save_dir", None)) if first else trainer.default_root_dir
+        path = os.path.join(log_dir, self.config_filename) if self.save_to_log_dir and log_dir else None
         for logger in trainer.loggers:
             if hasattr(logger, "log_config"):
                 logger.log_config(config, path)
@@ -247,9 +250,13 @@ def main(args=None) -> RobustCLI:
 
     An unwritable output folder or a full disk ends the run with one clear line (exit status 1).
     """
-    args = with_default_config(sys.argv[1:] if args is None else list(args))
-    RobustCLI._integer_limits = integer_batch_limits(args)
-    RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in args
+    if args is None:  # from the command line: keep LightningCLI reading sys.argv (DDP relaunches it)
+        sys.argv[1:] = with_default_config(sys.argv[1:])
+        given = sys.argv[1:]
+    else:
+        args = given = with_default_config(list(args))
+    RobustCLI._integer_limits = integer_batch_limits(given)
+    RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in given
                                  if a.startswith("--trainer.callbacks.")]
     try:
         return RobustCLI(
