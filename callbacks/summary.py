@@ -1,36 +1,143 @@
-"""FinalSummary: print the run's final numbers (accuracy, regularizer terms, robustness) once."""
+"""FinalSummary: the run's final numbers in sections a person reads in ten seconds.
+
+Sections: Accuracy, Regularizer terms (the loss and what each weighted term adds), Robustness,
+PSE, then where the logs, the W&B run and the checkpoints are. A NaN is explained on its line
+(what had no sample to average), a share is printed beside the count it was computed from.
+"""
 
 from __future__ import annotations
+
+import math
+import os
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-DEFAULT_PREFIXES = ("val/", "test/", "robustness/", "pse/")
+DEFAULT_PREFIXES = ("train/", "val/", "test/", "robustness/", "pse/")
+
+#: (title, predicate on the metric name) in print order; a metric goes to the first that matches.
+SECTIONS: tuple[tuple[str, object], ...] = (
+    ("Accuracy", lambda n: n.endswith("/acc")),
+    ("Regularizer terms", lambda n: n.startswith(("val/", "test/", "train/"))),
+    ("Robustness", lambda n: n.startswith("robustness/")),
+    ("PSE", lambda n: n.startswith("pse/")),
+)
+
+_NAN_REASONS = (
+    ("pse/", "no sample to average: no attack succeeded or none was analysed (see pse/num_success)"),
+    ("robustness/", "no sample to average: no correctly classified sample, or the metric needs a "
+                    "setting that was off"),
+    ("", "no batch contributed a finite value"),
+)
+
+
+def explain_nan(name: str) -> str:
+    """Why ``name`` can be NaN (one line)."""
+    return next(reason for prefix, reason in _NAN_REASONS if name.startswith(prefix))
+
+
+def _share_count(name: str, values: dict[str, float]) -> str:
+    """``"of N counted"`` for a PSE share, from the count it was computed over."""
+    if not name.startswith("pse/") or "frac_" not in name.rsplit("/", 1)[-1]:
+        return ""
+    counted = values.get("pse/num_counted")
+    if counted is None or math.isnan(counted):
+        return ""
+    note = "; fewer than 5: the share is noise" if counted < 5 else ""
+    return f"  (over {int(counted)} counted sample{'s' if counted != 1 else ''}{note})"
+
+
+def _format_value(name: str, value: float) -> str:
+    if math.isnan(value):
+        return f"nan  ({explain_nan(name)})"
+    if name.rsplit("/", 1)[-1].startswith("num_") and float(value).is_integer():
+        return f"{int(value)}"
+    return f"{value:.4f}"
 
 
 class FinalSummary(L.Callback):
-    """At the end of fit/validate/test, print every logged metric under the given prefixes."""
+    """At the end of fit/validate/test, print the final metrics in sections, and where things are.
+
+    Args:
+        prefixes: metric name prefixes to include (default: train/ (epoch means), val/, test/,
+            robustness/, pse/).
+
+    Examples:
+        ``trainer.callbacks: [{class_path: callbacks.FinalSummary}]``
+    """
 
     def __init__(self, prefixes: list[str] | None = None) -> None:
         self.prefixes = tuple(prefixes or DEFAULT_PREFIXES)
 
     def summary(self, trainer: L.Trainer) -> dict[str, float]:
         """The final metrics as plain floats, sorted by name."""
+        metrics = trainer.callback_metrics
         return {
             name: float(value)
-            for name, value in sorted(trainer.callback_metrics.items())
-            if name.startswith(self.prefixes) and value.numel() == 1
+            for name, value in sorted(metrics.items())
+            if name.startswith(self.prefixes) and value.numel() == 1 and not name.endswith("_step")
+            and not (name.endswith("_epoch") and name[: -len("_epoch")] in metrics)
         }
+
+    def sections(self, values: dict[str, float]) -> list[tuple[str, list[tuple[str, str]]]]:
+        """``[(title, [(name, text), ...]), ...]``: the metrics grouped as in :data:`SECTIONS`."""
+        grouped: dict[str, list[tuple[str, str]]] = {title: [] for title, _ in SECTIONS}
+        other: list[tuple[str, str]] = []
+        for name, value in values.items():
+            text = _format_value(name, value) + _share_count(name, values)
+            title = next((t for t, match in SECTIONS if match(name)), None)
+            (grouped[title] if title else other).append((name, text))
+        out = [(title, rows) for title, rows in grouped.items() if rows]
+        return out + ([("Other", other)] if other else [])
+
+    @staticmethod
+    def locations(trainer: L.Trainer) -> list[tuple[str, str]]:
+        """(what, where) for the log folders, the W&B run and the checkpoints of this run."""
+        rows: list[tuple[str, str]] = []
+        for logger in trainer.loggers:
+            kind = type(logger).__name__
+            run = getattr(logger, "_experiment", None)
+            if run is not None and hasattr(run, "id") and hasattr(run, "dir"):
+                url = getattr(run, "url", None)
+                folder = os.path.dirname(str(run.dir)) if run.dir else ""
+                rows.append(("W&B run", f"{run.id}  {url or ''}  {folder}".strip()))
+                continue
+            log_dir = getattr(logger, "log_dir", None)
+            if log_dir:
+                rows.append((f"{kind} logs", str(log_dir)))
+        for callback in trainer.checkpoint_callbacks:
+            for label, path in (("best checkpoint", getattr(callback, "best_model_path", "")),
+                                ("last checkpoint", getattr(callback, "last_model_path", ""))):
+                if path:
+                    rows.append((label, str(path)))
+            if not any(r[0].endswith("checkpoint") for r in rows) and getattr(callback, "dirpath", None):
+                rows.append(("checkpoints", str(callback.dirpath)))
+        return rows
+
+    def render(self, trainer: L.Trainer, stage: str) -> str:
+        """The summary text (what is printed)."""
+        values = self.summary(trainer)
+        blocks = self.sections(values)
+        places = self.locations(trainer)
+        if not blocks and not places:
+            return ""
+        names = [n for _, rows in blocks for n, _ in rows] + [w for w, _ in places]
+        width = max(len(n) for n in names)
+        lines = [f"Final summary ({stage}, epoch {trainer.current_epoch}, step {trainer.global_step})"]
+        for title, rows in blocks:
+            note = ("  (loss = ce + reg; reg = sum of weighted_<term> = lambda_<term> * <term>)"
+                    if title == "Regularizer terms" and any(n.endswith("/reg") for n, _ in rows) else "")
+            lines += ["", f"-- {title}{note}"] + [f"  {n:<{width}}  {t}" for n, t in rows]
+        if places:
+            lines += ["", "-- Where"] + [f"  {w:<{width}}  {p}" for w, p in places]
+        bar = "=" * min(100, max(len(line) for line in lines))
+        return "\n".join([bar, *lines, bar])
 
     @rank_zero_only
     def _print(self, trainer: L.Trainer, stage: str) -> None:
-        values = self.summary(trainer)
-        if not values:
-            return
-        width = max(len(n) for n in values)
-        lines = [f"{n:<{width}}  {v:.4f}" for n, v in values.items()]
-        bar = "=" * max(len(line) for line in lines)
-        print(f"\n{bar}\nFinal summary ({stage}, epoch {trainer.current_epoch})\n{bar}", *lines, bar, sep="\n")
+        text = self.render(trainer, stage)
+        if text:
+            print("\n" + text)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print(trainer, "fit")

@@ -26,14 +26,15 @@ from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
 from explanations.precision import set_tf32, tf32_flags
+from explanations.saliency import num_features
 from lightning_modules.backbones import build_backbone
-from lightning_modules.reliability import (
+from lightning_modules.checkpoints import (
     architecture_differences,
-    batchnorm_state,
     format_differences,
-    restore_state,
+    load_model_weights,
     state_dict_differences,
 )
+from lightning_modules.reliability import batchnorm_state, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class RobustClassifier(L.LightningModule):
         pretrained: bool = False,
         weights_file: str | None = None,
         activation: Literal["relu", "softplus"] = "relu",
-        softplus_beta: float = 0.5,
+        softplus_beta: float = 2.0,
         cifar_stem: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         objective: str = "r2et",
@@ -121,8 +122,7 @@ class RobustClassifier(L.LightningModule):
         module_backbone = isinstance(backbone, nn.Module)  # recorded by its config, not pickled
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"] + ["backbone"] * module_backbone)
         backbone = _module_backbone_hparam(self, backbone)
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
+        check_objective_settings(objective, k, pool, objective_kwargs)
         if nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r} is not valid; use 'error' or 'skip'")
         self.objective = build_objective(
@@ -219,6 +219,13 @@ class RobustClassifier(L.LightningModule):
             self._saved_tf32 = None
         self._exit_fp32()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the W&B run id, so that ``fit --ckpt_path`` continues the same W&B run."""
+        for logger in self.loggers if self._trainer is not None else []:
+            run_id = getattr(logger, "run_id", None)
+            if run_id:
+                checkpoint["wandb_run_id"] = str(run_id)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (``--ckpt_path``) a checkpoint of another architecture, listing what differs.
 
@@ -246,6 +253,9 @@ class RobustClassifier(L.LightningModule):
         return self.trainer.strategy.reduce(values, reduce_op="mean")
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_against_data(self.hparams, datamodule)
         # Under DDP each rank sees batch_size samples; the adaptive weights use the statistics of
         # the global batch (one 3-float all-reduce per step), so a run on N ranks computes the same
         # loss as one process on the N-times larger batch.
@@ -279,6 +289,7 @@ class RobustClassifier(L.LightningModule):
             names = list(terms)
             reduced = self._mean_over_ranks(torch.stack([terms[n].detach().float() for n in names]))
             terms = dict(zip(names, reduced.unbind()))
+        terms = with_regularizer_contribution(terms)
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss")
         return out.loss
@@ -296,7 +307,7 @@ class RobustClassifier(L.LightningModule):
             terms = {"ce": nn.functional.cross_entropy(logits, y)}
         metric(logits, y)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-        for name, value in terms.items():
+        for name, value in with_regularizer_contribution(terms).items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -318,6 +329,106 @@ class RobustClassifier(L.LightningModule):
 
 
 FP16_PRECISIONS = ("16", "16-mixed", "16-true")
+
+#: Keys ``model.objective_kwargs`` accepts per objective; every other setting is a top-level
+#: ``model.*`` argument (k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature,
+#: target, pool). An objective not listed here (registered by user code) gets its kwargs unchecked.
+OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "vanilla": (), "r2et": (), "r2et_noh": (), "r2et_mm": (), "r2et_mm_noh": (), "est_h": (),
+    "grad_norm": (),
+    "at": ("eps", "steps", "step_size", "clean_weight", "random_start", "step", "method",
+           "attack_k", "attack_pair_set"),
+}
+
+
+def check_k(k: object, name: str = "k") -> None:
+    """One rule for ``k``: an int >= 1 is a count of features, a float in (0, 1) a fraction of them.
+
+    A float that is a whole number (``1.0``, ``100.0``) is refused: it reads as "all features" to
+    some and as "one feature" to others; write ``k: 1`` (count) or ``k: 0.5`` (fraction).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ValueError(f"{name}={k!r} is not valid: give an integer count >= 1 or a fraction in (0, 1)")
+    if isinstance(k, float) and not 0.0 < k < 1.0:
+        hint = f" (for a count write {name}: {int(k)})" if k.is_integer() and k >= 1 else ""
+        raise ValueError(f"{name}={k!r} is not valid: a float k is a fraction of the features and must be in (0, 1){hint}; an integer k >= 1 is a count")
+    if isinstance(k, int) and k < 1:
+        raise ValueError(f"{name}={k!r} is not valid: give an integer count >= 1 or a fraction in (0, 1)")
+
+
+def check_objective_settings(
+    objective: str, k: object, pool: int | None, objective_kwargs: dict[str, Any] | None
+) -> None:
+    """Refuse an unknown objective, an invalid ``k``/``pool`` and unknown ``objective_kwargs`` keys.
+
+    The error names the value and lists the valid ones (the objective factories would otherwise
+    ignore unknown keys, e.g. a typo ``stepz: 3``).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
+    check_k(k)
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise ValueError(f"pool={pool!r} is not valid: give null (no pooling) or an integer >= 1 that divides the image size")
+    if objective_kwargs is not None and not isinstance(objective_kwargs, dict):
+        raise ValueError(f"objective_kwargs={objective_kwargs!r} must be a mapping of option names to values")
+    valid = OBJECTIVE_OPTIONS.get(objective)
+    unknown = sorted(set(objective_kwargs or {}) - set(valid)) if valid is not None else []
+    if unknown:
+        shared = "k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature, target, pool"
+        listed = f"valid objective_kwargs for {objective!r}: {list(valid)}" if valid else f"objective {objective!r} takes no objective_kwargs"
+        raise ValueError(
+            f"objective_kwargs key(s) {unknown} not known for objective={objective!r}; {listed} "
+            f"(the shared settings {shared} are top-level model.* arguments)"
+        )
+    if "attack_k" in (objective_kwargs or {}):
+        check_k(objective_kwargs["attack_k"], "objective_kwargs.attack_k")
+
+
+def check_against_data(hparams: Any, datamodule: Any) -> None:
+    """Refuse a model whose ``num_classes``, ``in_chans``, ``k`` or ``pool`` cannot fit the data.
+
+    Uses the DataModule contract properties (``num_classes``, ``in_chans``, ``image_size``), which
+    every project DataModule has before ``setup``; a DataModule without them is not checked.
+    """
+    problems = []
+    for key in ("num_classes", "in_chans"):
+        have, want = hparams.get(key), getattr(datamodule, key, None)
+        if want is not None and have is not None and int(have) != int(want):
+            problems.append(f"model.{key}={have} but the data ({type(datamodule).__name__}) has {key}={want}; set model.{key}: {want}")
+    size = getattr(datamodule, "image_size", None)
+    objective = hparams.get("objective")
+    uses_k = objective in ("r2et", "r2et_noh", "r2et_mm", "r2et_mm_noh", "at")
+    if size is not None:
+        pool = hparams.get("pool")
+        if pool and pool > 1 and size % pool:
+            problems.append(f"model.pool={pool} does not divide the image size {size}; valid: a divisor of {size}")
+        n = num_features(size, size, pool)
+        ks = [("model.k", hparams.get("k"))] if uses_k else []
+        attack_k = (hparams.get("objective_kwargs") or {}).get("attack_k")
+        if objective == "at" and attack_k is not None:
+            ks = [("model.objective_kwargs.attack_k", attack_k)]
+        for name, k in ks:
+            if isinstance(k, int) and not 1 <= k <= n:
+                problems.append(f"{name}={k} is out of range for {size}x{size} images (pool={pool}): "
+                                f"{n} saliency features; valid: an integer in [1, {n}] or a fraction in (0, 1)")
+    if problems:
+        raise ValueError("the model does not fit the data: " + "; ".join(problems))
+
+
+def with_regularizer_contribution(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add ``reg = loss - ce`` and ``weighted_<t> = lambda_<t> * t`` for each weighted term ``t``.
+
+    Under adaptive weights ``loss`` can be close to ``ce`` while the terms are large (their
+    weighted sum nearly cancels); these show what the regularizer adds to the loss.
+    """
+    if "loss" not in terms or "ce" not in terms or "ce_adv" in terms:
+        return terms
+    out = dict(terms)
+    out["reg"] = terms["loss"] - terms["ce"]
+    for name in [n[len("lambda_"):] for n in terms if n.startswith("lambda_")]:
+        if name in terms:
+            out[f"weighted_{name}"] = terms[f"lambda_{name}"] * terms[name]
+    return out
 
 
 def _module_backbone_hparam(module: L.LightningModule, backbone: Any) -> Any:
@@ -414,53 +525,3 @@ def guard_curvature_precision(objective, device_type: str, precision: str) -> tu
         torch.backends.cuda.matmul.allow_tf32 = False
         return saved
     return None
-
-
-def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_model_weights(model: nn.Module, path: str | Path, expected_hparams: dict[str, Any] | None = None) -> None:
-    """Load a RobustClassifier checkpoint's ``model.*`` weights into ``model`` (weights_only).
-
-    A classifier whose shape differs (other num_classes) keeps its fresh initialisation; any other
-    difference is refused with the keys listed (and, given ``expected_hparams``, the architecture
-    hyper-parameters of the checkpoint that differ).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={str(path)!r}: no such checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"init_from={str(path)!r} holds no state dict")
-    if any(k.startswith("model.") for k in state):
-        state = _strip_prefix(state, "model.")
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-    own = model.state_dict()
-    classifier = _classifier_prefixes(model)
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    head_only = mismatched and all(k.startswith(classifier) for k in mismatched)
-    if head_only:
-        log.warning("init_from: classifier shape differs (%s); it keeps its fresh initialisation", mismatched)
-        state = {k: v for k, v in state.items() if k not in mismatched}
-        state.update({k: own[k] for k in mismatched})
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in mismatched if not head_only]
-    if missing or unexpected or wrong:
-        saved_hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        arch = architecture_differences(saved_hparams or {}, expected_hparams or {}) if expected_hparams else {}
-        differing = f"; {format_differences(arch, {})}" if arch else ""
-        raise ValueError(
-            f"init_from={str(path)!r} does not fit this model: missing keys {missing[:10]}, "
-            f"unexpected keys {unexpected[:10]}, shape mismatches {wrong[:10]}{differing}"
-        )
-    model.load_state_dict(state)
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    backbone = getattr(model, "backbone", model)
-    name = getattr(backbone, "pretrained_cfg", {}).get("classifier", "fc") if hasattr(backbone, "pretrained_cfg") else "fc"
-    names = name if isinstance(name, (tuple, list)) else (name,)
-    return tuple(f"backbone.{n}." for n in names) + tuple(f"{n}." for n in names)

@@ -7,11 +7,25 @@ later ``-c`` files override earlier ones (e.g. trainer/, data/, model/ pieces).
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_modules.classifier import FP16_PRECISIONS, RobustClassifier
+from lightning_modules.checkpoints import (
+    RUNTIME_KEYS,
+    AtomicCheckpointIO,
+    CheckpointReadError,
+    format_hparams_differences,
+    hparams_differences,
+    read_checkpoint,
+)
+from lightning_modules.classifier import FP16_PRECISIONS, RobustClassifier, check_against_data
 from lightning_modules.reliability import (
     UnwritableDirError,
     check_output_dirs,
@@ -21,8 +35,110 @@ from lightning_modules.reliability import (
 )
 
 
+#: The built-in configuration, used when ``fit``/``validate``/``test`` get no ``-c``/``--config``.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class ConfigToLoggers(SaveConfigCallback):
+    """Save ``config.yaml`` to the log folder and give the full resolved config (trainer, seed,
+    callbacks with their init args, model, data) to every logger that takes it
+    (``RobustWandbLogger.log_config``: W&B run config plus the uploaded ``config.yaml``)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False)) or {}
+        config.pop("config", None)
+        # trainer.log_dir broadcasts (a collective): this runs on rank 0 only, so read the logger's
+        first = trainer.loggers[0] if trainer.loggers else None
+        log_dir = (getattr(first, "log_dir", None) or getattr(first, "save_dir", None)) if first else trainer.default_root_dir
+        path = os.path.join(log_dir, self.config_filename) if self.save_to_log_dir and log_dir else None
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_config"):
+                logger.log_config(config, path)
+
+
 class RobustCLI(LightningCLI):
-    """LightningCLI with the project's defaults and early configuration checks."""
+    """LightningCLI with the project's defaults and early configuration checks.
+
+    - ``fit``/``validate``/``test`` without ``-c`` use ``configs/default.yaml`` (said in one line).
+    - ``--ckpt_path FILE``: settings given in config files or flags that disagree with the
+      checkpoint's are refused with the list of differences, unless ``--override_ckpt_hparams
+      true`` (then applied, listed); settings not given come from the checkpoint, except the
+      ``RUNTIME_KEYS`` (compile, fast_batchnorm, lean_layers, nonfinite, init_from, pretrained,
+      weights_file), which are always the run's.
+    - ``--ckpt_path last``: the newest checkpoint of this logger name (all versions), refused when
+      it was trained with other model settings (another run sharing the log folder).
+    - the model is checked against the DataModule (num_classes, in_chans, k, pool) before the
+      trainer runs (before W&B starts); checkpoints are written atomically.
+    - ``predict`` is not offered (the project has no prediction writer) and there is one optimizer
+      setting, ``--model.optimizer``.
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict", None)
+        return commands
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--override_ckpt_hparams", type=bool, default=False,
+            help="With --ckpt_path FILE: apply the model settings given here where they differ from the "
+                 "checkpoint's (listed), instead of refusing them.",
+        )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        for key, count in getattr(self, "_integer_limits", {}).items():
+            if config.get(key) == float(count):
+                config[key] = count  # `1` means one batch (the parser made it 1.0 = all)
+        return super()._instantiate_trainer(config, callbacks)
+
+    # ---- --ckpt_path FILE: the checkpoint's settings against the user's
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        section = self.config[subcommand]
+        ckpt_path = section.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        try:
+            checkpoint = read_checkpoint(ckpt_path, "--ckpt_path checkpoint")
+        except (FileNotFoundError, CheckpointReadError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        saved = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+        saved.pop("_instantiator", None)
+        saved.pop("_class_path", None)
+        if not saved:
+            return
+        current = _plain(section.get("model")) or {}
+        defaults = _plain(self._subcommand_parsers[subcommand].get_defaults().get("model")) or {}
+        explicit = {k for k in current if k not in defaults or hparams_differences({k: defaults[k]}, {k: current[k]}, ignore=())}
+        diff = hparams_differences(saved, current, keys=sorted(explicit & set(saved)))
+        merged = dict(saved)
+        if diff:
+            listed = format_hparams_differences(diff)
+            if not section.get("override_ckpt_hparams"):
+                raise SystemExit(
+                    f"error: --ckpt_path {ckpt_path} was trained with other model settings than the ones given "
+                    f"here: {listed}. Drop these settings to use the checkpoint's, or add "
+                    "--override_ckpt_hparams true to apply yours."
+                )
+            rank_zero_info(f"--ckpt_path {ckpt_path}: applying settings that differ from the checkpoint's: {listed}")
+            merged.update({k: current[k] for k in diff})
+        for key in RUNTIME_KEYS:
+            if key in current:
+                merged[key] = current[key]  # how the step runs / where it starts: the run decides
+        self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -33,6 +149,7 @@ class RobustCLI(LightningCLI):
                 f"error: trainer.sync_batchnorm=true cannot be used with model.objective={objective!r}: "
                 "SyncBatchNorm does not support double backward; set trainer.sync_batchnorm: false"
             )
+        self._check_callback_flags(trainer)
         if self.subcommand == "fit":
             check_output_dirs(trainer)  # before the loggers exist: their constructors may write
         precision = trainer.get("precision")
@@ -43,16 +160,60 @@ class RobustCLI(LightningCLI):
                 "protect from underflow; use trainer.precision: bf16-mixed or 32-true"
             )
 
+    def _check_callback_flags(self, trainer: Any) -> None:
+        """``--trainer.callbacks.KEY=V`` sets KEY on the last callback that has it: refuse it when
+        several configured callbacks have KEY (it would silently change only one of them)."""
+        callbacks = _plain(trainer.get("callbacks")) or []
+        for flag in getattr(self, "_callback_flags", []):
+            key = flag.removeprefix("init_args.")
+            if "." in key or key in ("class_path", "init_args"):
+                continue
+            having = [c.get("class_path", "?").rsplit(".", 1)[-1] for c in callbacks
+                      if isinstance(c, dict) and key in (c.get("init_args") or {})]
+            if len(having) > 1:
+                raise SystemExit(
+                    f"error: --trainer.callbacks.{flag} is ambiguous: {len(having)} callbacks have {key!r} "
+                    f"({', '.join(having)}) and the flag changes only the last one. Set it per callback in a "
+                    "config file (-c, a trainer.callbacks list), e.g. configs/debug/quick.yaml."
+                )
+
     # ---- reliability (see README "Reliability"): safe loading, writable outputs, `ckpt_path: last`
     def before_fit(self) -> None:
         check_output_dirs(self.trainer)  # unwritable/full log or checkpoint folder: fail now, clearly
-        self._resolve_checkpoint_args()
+        self._before_run()
 
     def before_validate(self) -> None:
-        self._resolve_checkpoint_args()
+        self._before_run()
 
     def before_test(self) -> None:
+        self._before_run()
+
+    def _before_run(self) -> None:
+        """Checks and wiring that must happen before the trainer starts (and W&B with it)."""
+        if self.datamodule is not None:
+            try:
+                check_against_data(self.model.hparams, self.datamodule)
+            except ValueError as exc:
+                raise SystemExit(f"error: {exc}") from None
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            strategy.checkpoint_io = AtomicCheckpointIO()
         self._resolve_checkpoint_args()
+        kwargs = self.config_init[self.subcommand]
+        if self.subcommand in ("validate", "test") and any(
+            type(c).__name__ == "FinalSummary" for c in self.trainer.callbacks
+        ):
+            kwargs["verbose"] = False  # FinalSummary prints the metrics once, in sections
+        self._resume_wandb_run(kwargs.get("ckpt_path"))
+
+    def _resume_wandb_run(self, ckpt_path: str | None) -> None:
+        """``fit --ckpt_path``: continue the W&B run the checkpoint was logged to (resume="allow")."""
+        if self.subcommand != "fit" or not ckpt_path or not os.path.isfile(ckpt_path):
+            return
+        run_id = (read_checkpoint(ckpt_path) or {}).get("wandb_run_id")
+        for logger in self.trainer.loggers:
+            if run_id and hasattr(logger, "resume_run"):
+                logger.resume_run(run_id)
 
     def _resolve_checkpoint_args(self) -> None:
         kwargs = self.config_init[self.subcommand]
@@ -61,6 +222,19 @@ class RobustCLI(LightningCLI):
         if kwargs.get("ckpt_path") == "last":
             found = find_last_checkpoint(self.trainer)
             if found is not None:
+                try:
+                    checkpoint = read_checkpoint(found, "--ckpt_path last checkpoint")
+                except CheckpointReadError as exc:
+                    raise SystemExit(f"error: {exc}") from None
+                saved = checkpoint.get("hyper_parameters") or {} if isinstance(checkpoint, dict) else {}
+                diff = hparams_differences(saved, dict(self.model.hparams))
+                if diff:
+                    raise SystemExit(
+                        f"error: --ckpt_path last found {found}, but it belongs to another run: it was trained "
+                        f"with {format_hparams_differences(diff)}. Give this run its own logger name "
+                        "(--trainer.logger.init_args.name) or pass that checkpoint file as --ckpt_path FILE "
+                        "to fine-tune from it with model.init_from."
+                    )
                 rank_zero_info(f"--ckpt_path last: resuming from {found}")
                 kwargs["ckpt_path"] = found
             else:
@@ -76,13 +250,23 @@ def main(args=None) -> RobustCLI:
 
     An unwritable output folder or a full disk ends the run with one clear line (exit status 1).
     """
+    if args is None:  # from the command line: keep LightningCLI reading sys.argv (DDP relaunches it)
+        sys.argv[1:] = with_default_config(sys.argv[1:])
+        given = sys.argv[1:]
+    else:
+        args = given = with_default_config(list(args))
+    RobustCLI._integer_limits = integer_batch_limits(given)
+    RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in given
+                                 if a.startswith("--trainer.callbacks.")]
     try:
         return RobustCLI(
             RobustClassifier,
             LightningDataModule,
             subclass_mode_data=True,
             trainer_defaults={"inference_mode": False},
+            save_config_callback=ConfigToLoggers,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
             args=args,
         )
     except UnwritableDirError as exc:
@@ -92,3 +276,64 @@ def main(args=None) -> RobustCLI:
         if message is None:
             raise
         raise SystemExit(message) from exc
+
+
+def with_default_config(args: list[str]) -> list[str]:
+    """``fit``/``validate``/``test`` with no ``-c``/``--config``: add ``-c configs/default.yaml``."""
+    if not args or args[0] not in ("fit", "validate", "test"):
+        return args
+    rest = args[1:]
+    if any(a in ("-c", "--config") or a.startswith(("--config=", "-c=")) for a in rest):
+        return args
+    if any(a in ("-h", "--help") for a in rest):
+        return args
+    print(f"no -c/--config given: using the built-in default {DEFAULT_CONFIG}", file=sys.stderr)
+    return [args[0], "-c", str(DEFAULT_CONFIG), *rest]
+
+
+_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
+
+
+def integer_batch_limits(args: list[str]) -> dict[str, int]:
+    """Batch limits written as integers in the config files or flags (the last one wins).
+
+    LightningCLI parses ``limit_val_batches: 1`` as ``1.0`` (all batches, Lightning #21259); the
+    CLI restores the integer so that ``1`` means one batch, as written.
+    """
+    found: dict[str, int] = {}
+
+    def note(key: str, value: Any) -> None:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return
+        if isinstance(value, int) and not isinstance(value, bool):
+            found[key] = value
+        else:
+            found.pop(key, None)
+
+    i = 0
+    while i < len(args):
+        name, sep, value = args[i].partition("=")
+        limit = name[len("--trainer."):] if name.startswith("--trainer.") else None
+        wanted = name in ("-c", "--config") or limit in _LIMITS
+        if wanted and not sep:  # the value is the next argument
+            if i + 1 >= len(args):
+                break
+            value, i = args[i + 1], i + 1
+        i += 1
+        if not wanted:
+            continue
+        if limit in _LIMITS:
+            note(limit, value)
+            continue
+        try:
+            data = yaml.safe_load(Path(value).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        trainer = data.get("trainer") if isinstance(data, dict) else None
+        for key in _LIMITS:
+            if isinstance(trainer, dict) and key in trainer:
+                note(key, trainer[key])
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -15,6 +16,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.reliability import ensure_writable_dir
+
+
+#: Name of the uploaded LightningCLI configuration in the W&B run's files.
+CONFIG_FILE = "lightning_config.yaml"
 
 
 def wandb_credentials_available() -> bool:
@@ -93,6 +98,62 @@ class RobustWandbLogger(WandbLogger):
             log_model=log_model, tags=tags, **kwargs,
         )
 
+    # ---- what the run shows: full config, resumed runs, nothing left by a failed setup
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id once the run exists (stored in checkpoints for resuming), else None."""
+        return getattr(self._experiment, "id", None) if self._experiment is not None else None
+
+    def resume_run(self, run_id: str) -> None:
+        """Continue the W&B run ``run_id`` (``resume="allow"``) instead of starting a new one.
+
+        Must be called before the run starts (the CLI does so for ``fit --ckpt_path``).
+        """
+        if self._experiment is not None:
+            if self._experiment.id != run_id:
+                rank_zero_info(f"W&B: run {self._experiment.id} already started; cannot continue run {run_id}")
+            return
+        self._wandb_init.update(id=run_id, resume="allow")
+        self._id = run_id
+        rank_zero_info(f"W&B: continuing run {run_id} of the checkpoint")
+
+    def log_config(self, config: dict[str, Any], path: str | None = None) -> None:
+        """Put the full resolved configuration in the run config and upload ``path`` (config.yaml)."""
+        run = self.experiment
+        if not hasattr(run, "config"):  # rank > 0 (DummyExperiment) or disabled
+            return
+        run.config.update({"cli": config, "seed_everything": config.get("seed_everything")}, allow_val_change=True)
+        if path and os.path.isfile(path) and os.path.isdir(getattr(run, "dir", None) or ""):
+            # under its own name: W&B keeps the run config in files/config.yaml
+            target = os.path.join(run.dir, CONFIG_FILE)
+            shutil.copyfile(path, target)
+            run.save(target, base_path=run.dir, policy="now")
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self._logged_metrics = True
+        super().log_metrics(metrics, step)
+
+    def finalize(self, status: str) -> None:
+        """On a run that failed before logging any metric (setup errors), remove its W&B run.
+
+        Offline runs are deleted from ``save_dir/wandb``; an online run is finished as failed.
+        """
+        if (status == "failed" and not getattr(self, "_logged_metrics", False) and self._experiment is not None
+                and getattr(self, "_created_run", False)):
+            run = self._experiment
+            run_dir = Path(getattr(run, "dir", "") or "").parent if getattr(run, "dir", None) else None
+            offline = bool(getattr(getattr(run, "settings", None), "_offline", self._offline))
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # the run is being removed: a failure to close it changes nothing
+                pass
+            self._experiment = None
+            if offline and run_dir is not None and run_dir.name.startswith("offline-run-"):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                rank_zero_info(f"W&B: the run failed before logging anything; removed its offline folder {run_dir}")
+            return
+        super().finalize(status)
+
     def _notice_offline(self, save_dir: str, why: str) -> None:
         if self._offline_notice_given:
             return
@@ -106,6 +167,10 @@ class RobustWandbLogger(WandbLogger):
     @rank_zero_experiment
     def experiment(self):
         """The wandb run; if starting it online fails (network, auth), an offline run instead."""
+        if self._experiment is None and not getattr(self, "_created_run", False):
+            import wandb
+
+            self._created_run = wandb.run is None  # else the logger reuses the process's open run
         try:
             return WandbLogger.experiment.fget(self)
         except Exception as exc:  # wandb raises CommError/UsageError/AuthenticationError/timeouts
@@ -114,7 +179,7 @@ class RobustWandbLogger(WandbLogger):
             import wandb
 
             if wandb.run is not None:
-                wandb.finish(exit_code=1, quiet=True)
+                wandb.finish(exit_code=1)
             self._notice_offline(self._save_dir or ".", f"starting the online run failed ({type(exc).__name__})")
             self._offline = True
             self._wandb_init["mode"] = "offline"

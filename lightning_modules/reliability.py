@@ -4,8 +4,6 @@
   unwritable or full log folder fails before training with the path and the OS reason, instead of
   a traceback from deep inside a logger after the first epoch.
 - :func:`disk_full_message` turns an ``ENOSPC``/``EDQUOT`` raised mid-run into one clear line.
-- :func:`architecture_differences` / :func:`state_dict_differences` list why a checkpoint does not
-  fit a model (hyper-parameters that define the architecture, missing/unexpected keys, shapes).
 - :func:`find_last_checkpoint` resolves ``--ckpt_path last`` with versioned loggers: Lightning looks
   for ``last.ckpt`` only in the *new* run's folder (``logs/csv/version_{N+1}/checkpoints``), which
   is empty, and silently starts from scratch; this looks in every version folder.
@@ -18,6 +16,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -26,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Hyper-parameters of RobustClassifier that change the parameter set of the network.
-ARCHITECTURE_KEYS: tuple[str, ...] = (
-    "backbone", "num_classes", "in_chans", "activation", "cifar_stem", "backbone_kwargs",
+from lightning_modules.checkpoints import (  # noqa: F401  (their home; imported here for old callers)
+    ARCHITECTURE_KEYS,
+    architecture_differences,
+    format_differences,
+    state_dict_differences,
 )
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -143,13 +144,31 @@ def disk_full_message(exc: BaseException) -> str | None:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             where = f" while writing {exc.filename!r}" if exc.filename else ""
+            disk = _disk_of(exc.filename)
             return (
-                f"error: the disk is full{where}: {_reason(exc)}. Free space (or point the loggers and "
+                f"error: the disk is full{where}{disk}: {_reason(exc)}. Free space (or point the loggers and "
                 "checkpoints to another disk) and resume with --ckpt_path last; checkpoints are written "
                 "atomically, so the last complete one is intact."
             )
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _disk_of(filename: Any) -> str:
+    """`` (file system mounted at /x, N MiB free)`` for the folder of ``filename``, or ``""``."""
+    if not filename:
+        return ""
+    folder = Path(str(filename)).resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    mount = folder
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return f" (file system mounted at {mount})"
+    return f" (file system mounted at {mount}, {free / 2**20:.0f} MiB free)"
 
 
 def batchnorm_state(model: Any) -> list[tuple[Any, Any]]:
@@ -173,57 +192,6 @@ def restore_state(saved: list[tuple[Any, Any]]) -> None:
     with torch.no_grad():
         for buf, copy in saved:
             buf.copy_(copy)
-
-
-def _normalize(key: str, value: Any) -> Any:
-    if key == "backbone_kwargs":
-        return dict(value or {})
-    return value
-
-
-def architecture_differences(
-    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] = ARCHITECTURE_KEYS
-) -> dict[str, tuple[Any, Any]]:
-    """``{key: (saved, current)}`` for the architecture hyper-parameters that differ.
-
-    Keys absent from ``saved`` (checkpoints of other code) are not compared.
-    """
-    out = {}
-    for key in keys:
-        if key not in saved:
-            continue
-        a, b = _normalize(key, saved.get(key)), _normalize(key, current.get(key))
-        if a != b:
-            out[key] = (saved.get(key), current.get(key))
-    return out
-
-
-def state_dict_differences(saved: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, list[str]]:
-    """Missing, unexpected and shape-mismatched keys of ``saved`` w.r.t. ``own`` (sorted lists)."""
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in saved.items()
-        if k in own and hasattr(v, "shape") and hasattr(own[k], "shape") and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    return {
-        "missing": sorted(set(own) - set(saved)),
-        "unexpected": sorted(set(saved) - set(own)),
-        "shape": sorted(shapes),
-    }
-
-
-def format_differences(arch: Mapping[str, tuple[Any, Any]], keys: Mapping[str, list[str]], limit: int = 10) -> str:
-    """Human-readable summary of :func:`architecture_differences` and :func:`state_dict_differences`."""
-    parts = []
-    if arch:
-        parts.append("hyper-parameters (checkpoint -> this run): " + ", ".join(
-            f"{k}: {a!r} -> {b!r}" for k, (a, b) in arch.items()))
-    for label, name in (("missing keys", "missing"), ("unexpected keys", "unexpected"), ("shape mismatches", "shape")):
-        items = keys.get(name) or []
-        if items:
-            more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{label} ({len(items)}): {items[:limit]}{more}")
-    return "; ".join(parts)
 
 
 def checkpoint_dirs(trainer: Any) -> list[str]:

@@ -87,7 +87,7 @@ def test_pickle_payload_is_refused_by_every_loader(tmp_path):
         load_model_weights(RobustClassifier(**TINY).model, path)  # model.init_from
     with pytest.raises(Exception, match="(?i)weights.only|unpickl|global"):
         build_backbone("resnet9", num_classes=3, width=4, weights_file=str(path))  # model.weights_file
-    with pytest.raises(Exception, match="(?i)weights.only|unpickl|global"):  # --ckpt_path
+    with pytest.raises(SystemExit, match=f"(?i){path}.*weights.only"):  # --ckpt_path, named
         main(["fit", "-c", str(_config(tmp_path)), "--ckpt_path", str(path)])
     assert not marker.exists(), "the checkpoint's pickle payload was executed"
 
@@ -106,7 +106,12 @@ def test_cli_loads_checkpoints_weights_only_and_resolves_last(tmp_path, monkeypa
     assert calls[-1]["weights_only"] is False
     ckpt = tmp_path / "logs/csv/version_0/checkpoints/epoch=0-step=2.ckpt"
     ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"")
+    ckpt.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=f"cannot read the --ckpt_path last checkpoint '{ckpt}': it is not a PyTorch checkpoint"):
+        main(["fit", "-c", str(_config(tmp_path)), "--ckpt_path", "last"])
+    with pytest.raises(SystemExit, match=f"cannot read the --ckpt_path checkpoint '{ckpt}': it is not a PyTorch checkpoint"):
+        main(["fit", "-c", str(_config(tmp_path)), "--ckpt_path", str(ckpt)])
+    torch.save({"hyper_parameters": dict(RobustClassifier(**{**TINY, "objective": "r2et_noh"}).hparams)}, ckpt)
     main(["fit", "-c", str(_config(tmp_path)), "--ckpt_path", "last"])
     assert calls[-1]["ckpt_path"] == str(ckpt)
 
@@ -130,8 +135,12 @@ def test_incompatible_checkpoint_lists_differing_hparams_and_keys(tmp_path):
 def test_resume_with_other_architecture_is_refused_before_loading(tmp_path):
     main(["fit", "-c", str(_config(tmp_path))])  # writes logs/csv/version_0/checkpoints/epoch=0-step=2.ckpt
     assert list(tmp_path.glob("logs/csv/version_0/checkpoints/*.ckpt"))
-    with pytest.raises(ValueError, match=r"backbone_kwargs: \{'width': 4\} -> \{'width': 8\}"):
+    with pytest.raises(SystemExit, match=r"belongs to another run: it was trained with backbone_kwargs: \{'width': 4\} \(checkpoint\) vs \{'width': 8\} \(this run\)"):
         main(["fit", "-c", str(_config(tmp_path)), "--model.backbone_kwargs", "{width: 8}", "--ckpt_path", "last"])
+    ckpt = next(tmp_path.glob("logs/csv/version_0/checkpoints/*.ckpt"))
+    with pytest.raises(ValueError, match=r"backbone_kwargs: \{'width': 4\} -> \{'width': 8\}"):
+        main(["fit", "-c", str(_config(tmp_path)), "--model.backbone_kwargs", "{width: 8}", "--ckpt_path", str(ckpt),
+              "--override_ckpt_hparams", "true"])
 
 
 def test_init_from_error_names_differing_hparams(tmp_path):

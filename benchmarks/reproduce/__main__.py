@@ -5,7 +5,9 @@
 
 Runs every stage that has no record yet under ``--work`` (default ``outputs/reproduce/<preset>``,
 checkpoints and stage JSONs, not committed), then writes ``<out>/results_<preset>.json``, the
-plots ``<out>/*.png`` and the report ``--doc`` (default ``<out>.md``, i.e. docs/results.md).
+plots ``<out>/*.png`` and the report ``--doc`` (default ``<out>.md``). ``--out`` defaults to
+``outputs/reproduce/<preset>/results``, outside docs/: the committed report (docs/results.md) is
+replaced only by an explicit ``--out docs/results``, and never by the ``smoke`` preset.
 ``--report-only`` re-renders the report from the existing records without computing anything.
 """
 
@@ -88,7 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=False, help="CIFAR-10: torchvision's files or train/<class>, test/<class> folders")
     p.add_argument("--imagenette-dir", default=None, help="Imagenette root with train/<wnid>, val/<wnid> (skipped if absent)")
     p.add_argument("--task", choices=("all", "cifar", "imagenette"), default="all")
-    p.add_argument("--out", default="docs/results", help="folder for the results JSON and plots")
+    p.add_argument("--out", default=None,
+                   help="folder for the results JSON and plots (default outputs/reproduce/<preset>/results; "
+                        "docs/results only when given, never with --preset smoke)")
     p.add_argument("--doc", default=None, help="markdown report (default: <out>.md)")
     p.add_argument("--work", default=None, help="checkpoints and stage records (default outputs/reproduce/<preset>)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data subsets never change)")
@@ -131,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "cifar" in tasks and not args.data_dir:
             raise SystemExit("--data-dir (CIFAR-10) is required for the cifar task")
 
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else Path("outputs") / "reproduce" / args.preset / "results"
     doc = Path(args.doc) if args.doc else out_dir.parent / (out_dir.name + ".md")
+    check_output_place(args.preset, out_dir, doc)
     work = Path(args.work) if args.work else Path("outputs") / "reproduce" / args.preset
     json_path = out_dir / f"results_{args.preset}.json"
     command = "python -m benchmarks.reproduce " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -180,6 +185,25 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_report(results, out_dir, doc, others)
     log(f"wrote {json_path} and {path}")
     return results
+
+
+#: The committed report's folder; only real presets, on request, write there.
+DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
+
+
+def check_output_place(preset: str, out_dir: Path, doc: Path, docs_dir: Path = DOCS_DIR) -> None:
+    """Refuse ``--preset smoke`` writing into docs/ (its chance-level numbers would replace the
+    committed report), naming the paths and what is valid."""
+    if preset != "smoke":
+        return
+    for what, path in (("--out", out_dir), ("--doc", doc)):
+        resolved = path.resolve()
+        if resolved == docs_dir or docs_dir in resolved.parents:
+            raise SystemExit(
+                f"error: {what} {str(path)!r} is inside {docs_dir}: the smoke preset (a pipeline check with "
+                "chance-level numbers) never writes the committed report; use an --out/--doc outside docs/ "
+                "(default outputs/reproduce/smoke/results) or --preset cpu/full"
+            )
 
 
 def _stage_seconds(task: dict) -> float:

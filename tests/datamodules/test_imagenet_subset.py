@@ -73,7 +73,8 @@ def test_class_list_order_defines_labels(inet_dir, tmp_path):
             assert img.shape == (3, 16, 16) and 0.0 <= float(img.min()) <= float(img.max()) <= 1.0
             assert _folder_of(img) == order[label]
     x, y = next(iter(dm.val_dataloader()))
-    assert x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert x.shape == (6, 3, 16, 16) and sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert y.tolist() == _loader_labels(dm.val_dataloader())
 
 
 def test_without_class_list_sorted_folders(inet_dir):
@@ -142,7 +143,8 @@ def test_bad_image_skip(inet_dir, kind, caplog):
     with caplog.at_level(logging.WARNING):
         x, y = next(iter(dm.val_dataloader()))
         next(iter(dm.val_dataloader()))  # second pass: counted again, warned once
-    assert x.shape == (5, 3, 16, 16) and y.tolist() == [0, 0, 1, 2, 2]
+    assert x.shape == (5, 3, 16, 16) and sorted(y.tolist()) == [0, 0, 1, 2, 2]
+    assert y.tolist() == _loader_labels(dm.val_dataloader(), [bad])  # no label shift
     assert dm.val_dataset.num_skipped == 2
     assert sum(bad in r.getMessage() for r in caplog.records) == 1
 
@@ -162,3 +164,9 @@ def test_all_bad_batch_is_empty():
 def test_missing_split_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="train"):
         _dm(tmp_path / "absent")
+
+
+def _loader_labels(loader, bad_paths=()):
+    """Labels in the evaluation loader's (class-interleaved) order, without the unreadable files."""
+    ds = loader.dataset
+    return [ds.dataset.targets[i] for i in ds.indices if str(ds.dataset.samples[i][0]) not in {str(p) for p in bad_paths}]

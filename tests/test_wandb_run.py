@@ -1,0 +1,76 @@
+"""What the W&B run holds, read back from the real wandb's offline run folder: the full resolved
+config (trainer, seed, callbacks) and the uploaded LightningCLI config, one run continued on
+resume, and no run left behind by a failed setup."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lightning_modules.cli import main
+from lightning_modules.loggers import CONFIG_FILE
+
+pytestmark = pytest.mark.usefixtures("plain_argv", "one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _finish()  # a run left open by an earlier test would be reused by the logger
+    yield
+    _finish()
+
+
+def _finish():
+    """End the process's wandb run (a real process does this at exit; the logger reuses an open one)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()  # forget process-wide settings of earlier runs (e.g. WANDB_MODE=disabled)
+
+
+def _runs(tmp_path):
+    return sorted(tmp_path.glob("logs/wandb/offline-run-*"))
+
+
+def test_run_config_holds_trainer_seed_callbacks_and_the_config_file(tiny_config, tmp_path):
+    main(["fit", "-c", str(tiny_config(wandb=True)), "--seed_everything", "7"])
+    _finish()
+    (run,) = _runs(tmp_path)
+    uploaded = yaml.safe_load((run / "files" / CONFIG_FILE).read_text())
+    assert uploaded["seed_everything"] == 7 and uploaded["trainer"]["limit_train_batches"] == 2
+    assert uploaded["trainer"]["callbacks"][0]["class_path"] == "callbacks.FinalSummary"
+    # the run config (config records in the offline .wandb log): trainer settings and the seed
+    (log,) = run.glob("*.wandb")
+    data = log.read_bytes()
+    for key in (b"limit_train_batches", b"FinalSummary", b"seed_everything", b"r2et_noh"):
+        assert key in data, key
+
+
+def test_resumed_fit_continues_the_same_run(tiny_config, tmp_path):
+    config = str(tiny_config(wandb=True))
+    main(["fit", "-c", config])
+    _finish()
+    (first,) = _runs(tmp_path)
+    run_id = first.name.rsplit("-", 1)[-1]
+    main(["fit", "-c", config, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    _finish()
+    ids = {r.name.rsplit("-", 1)[-1] for r in _runs(tmp_path)}
+    assert ids == {run_id}, f"the resumed fit started another W&B run: {ids}"
+
+
+def test_failed_setup_leaves_no_run(tiny_config, tmp_path):
+    """The data is missing: the DataModule's setup fails after the trainer started the W&B run."""
+    config = yaml.safe_load(tiny_config(wandb=True).read_text())
+    config["model"]["num_classes"] = 10
+    config["data"] = {"class_path": "datamodules.CIFAR10DataModule",
+                      "init_args": {"data_dir": str(tmp_path / "no-data"), "batch_size": 8}}
+    path = tmp_path / "missing-data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 data not found"):
+        main(["fit", "-c", str(path)])
+    assert _runs(tmp_path) == [], "a W&B run folder was left by a failed setup"
