@@ -36,7 +36,7 @@ def _quick_fit_then_validate(tmp_path, capsys, monkeypatch, piece):
     trainer = cli.trainer
     assert trainer.global_step == 4 and trainer.limit_val_batches == 2  # quick.yaml, integer limits
     metrics = trainer.callback_metrics
-    assert {"val/acc", "robustness/p_at_k/er/gradient"} <= set(metrics)
+    assert "val/acc" in metrics and any(k.startswith("robustness/p_at_k/worst/gradient/eps_") for k in metrics)
     if "train/lambda_gap" in metrics:  # what the regularizer adds to the loss is logged
         added = metrics["train/weighted_gap"] + metrics.get("train/weighted_curvature", 0.0)
         assert abs(float(metrics["train/reg"] - added)) < 1e-4 * (1 + abs(float(added)))

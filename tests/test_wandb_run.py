@@ -37,6 +37,12 @@ def _runs(tmp_path):
     return sorted(tmp_path.glob("logs/wandb/offline-run-*"))
 
 
+def _run_id(folder) -> str:
+    """The run id of ``offline-run-<date>_<time>-<id>[-N]`` (wandb adds -N when a folder of the same
+    second exists, e.g. a resumed run started within the same second)."""
+    return folder.name.split("-")[3]
+
+
 def test_run_config_holds_trainer_seed_callbacks_and_the_config_file(tiny_config, tmp_path):
     main(["fit", "-c", str(tiny_config(wandb=True)), "--seed_everything", "7"])
     _finish()
@@ -56,10 +62,10 @@ def test_resumed_fit_continues_the_same_run(tiny_config, tmp_path):
     main(["fit", "-c", config])
     _finish()
     (first,) = _runs(tmp_path)
-    run_id = first.name.rsplit("-", 1)[-1]
+    run_id = _run_id(first)
     main(["fit", "-c", config, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     _finish()
-    ids = {r.name.rsplit("-", 1)[-1] for r in _runs(tmp_path)}
+    ids = {_run_id(r) for r in _runs(tmp_path)}
     assert ids == {run_id}, f"the resumed fit started another W&B run: {ids}"
 
 
