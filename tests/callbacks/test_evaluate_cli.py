@@ -27,7 +27,9 @@ def tiny_config(tmp_path: Path) -> Path:
     cb = cfg["trainer"]["callbacks"][1]["init_args"]
     cb.update(num_samples=6, batch_size=3, steps=2, eps=[0.0078431, 0.0313725], thickness_samples=1,
               thickness_points=2, num_images=2)
-    cfg["model"].update(backbone_kwargs={"width": 4}, num_classes=3, k=20)
+    assert "model" not in cfg  # a checkpoint's settings are never contradicted by the shipped config
+    cfg["model"] = {"backbone": "resnet9", "backbone_kwargs": {"width": 4}, "num_classes": 3, "k": 20,
+                    "activation": "softplus", "objective": "vanilla"}
     cfg["data"]["init_args"].update(num_classes=3, image_size=16, pattern_size=4, train_size=24, val_size=12,
                                     test_size=12, batch_size=6)
     path = tmp_path / "evaluate.yaml"
@@ -79,10 +81,17 @@ def test_standalone_evaluation_writes_the_report_with_the_protocols_numbers(tmp_
 
 def test_checkpoint_of_ours_is_evaluated_with_ckpt_path(tmp_path):
     config = tiny_config(tmp_path)
-    main(["fit", "-c", str(config), "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true"])
+    # trained with another objective than any evaluation would name (as README's flow: a default.yaml run)
+    main(["fit", "-c", str(config), "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true",
+          "--model.objective", "r2et_noh"])
     ckpt = sorted(tmp_path.glob("logs/evaluate/version_0/checkpoints/*.ckpt"))
     assert ckpt, sorted(str(p) for p in tmp_path.rglob("*"))
+    # the evaluation config as shipped: no model settings, so the checkpoint's are used
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["model"]
+    config.write_text(yaml.safe_dump(cfg))
     cli = main(["test", "-c", str(config), "--ckpt_path", str(ckpt[-1])])
+    assert cli.model.hparams.objective == "r2et_noh" and cli.model.hparams.k == 20
     report, folder = read_report(tmp_path)
     assert folder.name == "version_1" and report["stage"] == "test" and report["num_images"] == 6
     trained = torch.load(ckpt[-1], weights_only=True)["state_dict"]
