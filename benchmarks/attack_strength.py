@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from callbacks._eval_subset import EvalSubset
 from explanations.evaluation import DEFAULT_EPS, EvaluationProtocol, eps_label, eps_tag
@@ -43,57 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 LEGACY = {"name": "legacy_er", "attack": "er", "kwargs": {"legacy": True, "surrogate_beta": None}}
 
 
-# ------------------------------------------------------------------ the CIFAR-10 ResNet-20 (F.relu)
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.pad = cout - cin if (stride != 1 or cin != cout) else 0
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        short = x
-        if self.pad or self.stride != 1:  # option A: subsample, zero-pad the channels
-            short = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad // 2))
-        return F.relu(out + short)
-
-
-class ResNet20(nn.Module):
-    """CIFAR ResNet-20 on images in [0, 1] (normalisation inside), ReLU as ``F.relu`` calls."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        layers, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            layers.append(nn.Sequential(*[_Block(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(3)]))
-            cin = cout
-        self.layer1, self.layer2, self.layer3 = layers
-        self.linear = nn.Linear(64, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = (x - self.mean) / self.std
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
-
-
 def load_resnet20(path: str) -> nn.Module:
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    state = state.get("state_dict", state)
-    net = ResNet20()
-    missing, unexpected = net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
-    if unexpected or [m for m in missing if m not in ("mean", "std")]:
-        raise ValueError(f"{path}: not a CIFAR ResNet-20 state dict (missing {missing}, unexpected {unexpected})")
-    return net.eval()
+    """The CIFAR-10 ResNet-20 of ``lightning_modules.cifar_resnet`` (F.relu calls) with the published
+    akamaster weights at ``path``, normalization included, in eval mode."""
+    from lightning_modules.backbones import build_backbone
+
+    return build_backbone("resnet20", num_classes=10, weights_file=path).eval()
 
 
 # ------------------------------------------------------------------ models and data
