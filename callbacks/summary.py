@@ -110,8 +110,9 @@ class FinalSummary(L.Callback):
                                 ("last checkpoint", getattr(callback, "last_model_path", ""))):
                 if path:
                     rows.append((label, str(path)))
-            if not any(r[0].endswith("checkpoint") for r in rows) and getattr(callback, "dirpath", None):
-                rows.append(("checkpoints", str(callback.dirpath)))
+            dirpath = getattr(callback, "dirpath", None)
+            if not any(r[0].endswith("checkpoint") for r in rows) and dirpath and os.path.isdir(dirpath):
+                rows.append(("checkpoints", str(dirpath)))  # a folder that exists (validate writes none)
         return rows
 
     def render(self, trainer: L.Trainer, stage: str) -> str:
