@@ -31,12 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="resnet9", backbone_kwargs={"width": 4}, num_classes=3, activation="softplus", k=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _config(tmp: Path, version: int | None = None, wandb: bool = False, save_dir: Path | None = None) -> Path:

@@ -14,12 +14,7 @@ from callbacks import PSEAnalysis, RankingRobustness
 from callbacks._eval_subset import EvalSubset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def relu_net() -> nn.Module:

@@ -14,13 +14,7 @@ from explanations.ranking_metrics import precision_at_k
 from explanations.saliency import ranking
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not stall when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def quadrant_data(n: int, g: torch.Generator):

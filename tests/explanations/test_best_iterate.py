@@ -19,12 +19,7 @@ from explanations.explainers import explain
 from explanations.ranking_metrics import precision_at_k
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 CONTRAST = 0.08

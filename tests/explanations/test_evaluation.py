@@ -19,12 +19,7 @@ from explanations.evaluation import (
 EPS = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from explanations.explainers import (
 from explanations.saliency import input_gradient, saliency
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not stall when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_model(seed: int = 0, bn: bool = False) -> nn.Module:
