@@ -26,6 +26,7 @@ from torch import nn
 from explanations.activations import check_beta, example_input, swap_activations
 from lightning_modules import cifar_resnet  # noqa: F401  (registers resnet20/32/44/56/110)
 from lightning_modules.checkpoints import load_backbone_weights
+from lightning_modules.pooled_head import PooledLinearClassifier
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -131,7 +132,7 @@ class Residual(nn.Module):
         return x + self.block(x)
 
 
-class ResNet9(nn.Module):
+class ResNet9(PooledLinearClassifier):
     """The DAWNBench/Myrtle CIFAR ResNet-9 used by the public R2ET code.
 
     prep conv(w); layer1 conv(2w)+pool, res1 2x conv(2w); layer2 conv(4w)+pool;
@@ -139,6 +140,8 @@ class ResNet9(nn.Module):
     w = ``width`` (64 in the reference network; smaller widths give fast CPU models).
     Input (B, in_chans, H, W) with H, W >= 8 (32 for CIFAR); output (B, num_classes).
     """
+
+    global_pools = ("max", "avg")
 
     def __init__(
         self,
@@ -152,16 +155,9 @@ class ResNet9(nn.Module):
         super().__init__()
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"ResNet9 width={width!r} must be a positive integer (64 is the reference)")
-        # Options timm passes to every model that have no meaning here.
-        for ignored in ("drop_path_rate", "drop_block_rate", "img_size", "device", "dtype"):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise TypeError(f"ResNet9 got unexpected keyword arguments: {sorted(kwargs)}")
-        self.num_classes = num_classes
+        self._check_kwargs(kwargs)
         self.in_chans = in_chans
         w = width
-        self.num_features = self.head_hidden_size = 8 * w
-        self.drop_rate = drop_rate
 
         self.prep = ConvBnAct(in_chans, w)
         self.layer1 = nn.Sequential(ConvBnAct(w, 2 * w), nn.MaxPool2d(2))
@@ -169,10 +165,7 @@ class ResNet9(nn.Module):
         self.layer2 = nn.Sequential(ConvBnAct(2 * w, 4 * w), nn.MaxPool2d(2))
         self.layer3 = nn.Sequential(ConvBnAct(4 * w, 8 * w), nn.MaxPool2d(2))
         self.res2 = Residual(nn.Sequential(ConvBnAct(8 * w, 8 * w), ConvBnAct(8 * w, 8 * w)))
-        self.global_pool = self._make_pool(global_pool)
-        self.flatten = nn.Flatten(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(8 * w, num_classes, global_pool, drop_rate)
         self.feature_info = [
             dict(num_chs=w, reduction=1, module="prep"),
             dict(num_chs=2 * w, reduction=2, module="res1"),
@@ -180,38 +173,12 @@ class ResNet9(nn.Module):
             dict(num_chs=8 * w, reduction=8, module="res2"),
         ]
 
-    @staticmethod
-    def _make_pool(global_pool: str) -> nn.Module:
-        if global_pool == "max":
-            return nn.AdaptiveMaxPool2d(1)
-        if global_pool == "avg":
-            return nn.AdaptiveAvgPool2d(1)
-        raise ValueError(f"ResNet9 global_pool must be 'max' or 'avg', got {global_pool!r}")
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a fresh Linear(8w, num_classes) (Identity if 0)."""
-        self.num_classes = num_classes
-        if global_pool is not None and global_pool != "":
-            self.global_pool = self._make_pool(global_pool)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> feature map (B, 8w, H/8, W/8)."""
         x = self.prep(x)
         x = self.res1(self.layer1(x))
         x = self.layer2(x)
         return self.res2(self.layer3(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, 8w, h, w) -> logits (B, num_classes), or pooled features (B, 8w) if pre_logits."""
-        x = self.head_drop(self.flatten(self.global_pool(x)))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs(

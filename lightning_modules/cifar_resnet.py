@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from lightning_modules.pooled_head import PooledLinearClassifier
+
 __all__ = ["CifarResNet", "BasicBlock", "ShortcutA", "checkpoint_filter_fn", "CIFAR_RESNET_DEPTHS"]
 
 #: depth -> published file of akamaster/pytorch_resnet_cifar10 (pretrained_models/).
@@ -76,7 +78,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(PooledLinearClassifier):
     """CIFAR ResNet of depth 6n + 2 (He et al. 2016, option-A shortcuts).
 
     Args:
@@ -92,6 +94,8 @@ class CifarResNet(nn.Module):
         torch.Size([2, 10])
     """
 
+    global_pools = ("avg",)
+
     def __init__(
         self,
         depth: int = 20,
@@ -103,19 +107,14 @@ class CifarResNet(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        for ignored in ("drop_path_rate", "drop_block_rate", "img_size", "device", "dtype"):
-            kwargs.pop(ignored, None)
-        if kwargs:
-            raise TypeError(f"CifarResNet got unexpected keyword arguments: {sorted(kwargs)}")
+        self._check_kwargs(kwargs)
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CifarResNet depth={depth!r} must be 6n + 2 (20, 32, 44, 56, 110)")
         if not isinstance(width, int) or width < 4 or width % 4:
             raise ValueError(f"CifarResNet width={width!r} must be a positive multiple of 4 (16 in the paper)")
-        if global_pool != "avg":
-            raise ValueError(f"CifarResNet global_pool must be 'avg', got {global_pool!r}")
+        self._make_pool(global_pool)  # refuses any pool but 'avg' before building
         n = (depth - 2) // 6
-        self.depth, self.num_classes, self.in_chans, self.drop_rate = depth, num_classes, in_chans, drop_rate
-        self.num_features = self.head_hidden_size = 4 * width
+        self.depth, self.in_chans = depth, in_chans
         self.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         chs = width
@@ -125,10 +124,7 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(chs, out_chs, stride if j == 0 else 1))
                 chs = out_chs
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(4 * width, num_classes, global_pool, drop_rate)
         self.feature_info = [
             dict(num_chs=width, reduction=1, module="layer1"),
             dict(num_chs=2 * width, reduction=2, module="layer2"),
@@ -138,26 +134,10 @@ class CifarResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A fresh Linear(4 width, num_classes) head (Identity if 0)."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> the map the head reads (B, 4 width, H/4, W/4)."""
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(B, 4 width, h, w) -> logits (B, num_classes), or pooled features if ``pre_logits``."""
-        x = self.head_drop(self.flatten(self.global_pool(x)))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, Tensor]:
