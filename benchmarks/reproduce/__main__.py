@@ -1,14 +1,15 @@
 """Command line of the reproduction study.
 
     python -m benchmarks.reproduce --preset cpu --data-dir /tmp/cifar10_jpg \\
-        --imagenette-dir /tmp/imagenette_224 --out docs/results
+        --weights-file ../shared/weights/cifar10_resnet20.th --out docs/results
 
 Runs every stage that has no record yet under ``--work`` (default ``outputs/reproduce/<preset>``,
-checkpoints and stage JSONs, not committed), then writes ``<out>/results_<preset>.json``, the
-plots ``<out>/*.png`` and the report ``--doc`` (default ``<out>.md``). ``--out`` defaults to
-``outputs/reproduce/<preset>/results``, outside docs/: the committed report (docs/results.md) is
-replaced only by an explicit ``--out docs/results``, and never by the ``smoke`` preset.
-``--report-only`` re-renders the report from the existing records without computing anything.
+checkpoints and stage JSONs, not committed), then writes ``<out>/results_<preset>.json`` (with a
+compact ``summary`` block per task), the plots ``<out>/*.png`` and the report ``--doc`` (default
+``<out>.md``). ``--out`` defaults to ``outputs/reproduce/<preset>/results``, outside docs/: the
+committed report (docs/results.md) is replaced only by an explicit ``--out docs/results``, and
+never by the ``smoke`` preset. ``--report-only`` re-renders the report from the existing records
+without computing anything. ``--weights-file``: the published weights a ``pretrained`` task adapts.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--data-dir", required=False, help="CIFAR-10: torchvision's files or train/<class>, test/<class> folders")
+    p.add_argument("--weights-file", default=None,
+                   help="published CIFAR weights the cpu preset adapts (../shared/weights/cifar10_resnet20.th)")
     p.add_argument("--imagenette-dir", default=None, help="Imagenette root with train/<wnid>, val/<wnid> (skipped if absent)")
     p.add_argument("--task", choices=("all", "cifar", "imagenette"), default="all")
     p.add_argument("--out", default=None,
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks.reproduce.pipeline import Study, write_json
     from benchmarks.reproduce.presets import apply_override, build_preset
-    from benchmarks.reproduce.report import write_report
+    from benchmarks.reproduce.report import summary, write_report
 
     torch.set_num_threads(_threads(args.threads))
     _quiet()
@@ -130,10 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
         if "imagenette" in tasks and (preset.imagenette is None or not args.imagenette_dir):
             if args.task == "imagenette":
                 raise SystemExit("--task imagenette needs --imagenette-dir")
-            print("note: no --imagenette-dir given; the Imagenette part is skipped", file=sys.stderr)
+            why = f"the {preset.name} preset has no Imagenette task" if preset.imagenette is None else "no --imagenette-dir given"
+            print(f"note: {why}; the Imagenette part is skipped", file=sys.stderr)
             tasks.remove("imagenette")
         if "cifar" in tasks and not args.data_dir:
             raise SystemExit("--data-dir (CIFAR-10) is required for the cifar task")
+        if "cifar" in tasks and preset.cifar.pretrained and not (args.weights_file and Path(args.weights_file).is_file()):
+            raise SystemExit(f"--preset {args.preset} adapts published CIFAR weights: --weights-file {args.weights_file!r} "
+                             "must name the file (e.g. ../shared/weights/cifar10_resnet20.th)")
 
     out_dir = Path(args.out) if args.out else Path("outputs") / "reproduce" / args.preset / "results"
     doc = Path(args.doc) if args.doc else out_dir.parent / (out_dir.name + ".md")
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     hardware = _hardware()
     study = Study(
         preset, work, {"cifar10": args.data_dir, "imagenette": args.imagenette_dir}, seed=args.seed,
-        force=args.force, redo=args.redo, log=log,
+        force=args.force, redo=args.redo, log=log, weights_files={"cifar10": args.weights_file},
     )
     if args.report_only:
         if not json_path.is_file():
@@ -170,9 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
         if json_path.is_file():  # keep the tasks of an earlier invocation that were not run now
             earlier = json.loads(json_path.read_text())
             for task, block in earlier.get("tasks", {}).items():
-                if task not in results["tasks"]:
+                # only blocks of the same preset in the current format (per-image records)
+                if task not in results["tasks"] and earlier.get("preset", {}).get("name") == preset.name and "seed_eval" in block:
                     results["tasks"][task] = block
                     results["preset"]["tasks_cfg"][task] = earlier["preset"]["tasks_cfg"][task]
+        results["summary"] = {task: summary(block) for task, block in results["tasks"].items()}
         results["wall_seconds"] = round(time.perf_counter() - start, 1)
         results["stage_seconds"] = round(sum(_stage_seconds(t) for t in results["tasks"].values()), 1)
         results["hardware"]["load_end"] = _load()
@@ -202,7 +211,7 @@ def check_output_place(preset: str, out_dir: Path, doc: Path, docs_dir: Path = D
             raise SystemExit(
                 f"error: {what} {str(path)!r} is inside {docs_dir}: the smoke preset (a pipeline check with "
                 "chance-level numbers) never writes the committed report; use an --out/--doc outside docs/ "
-                "(default outputs/reproduce/smoke/results) or --preset cpu/full"
+                "(default outputs/reproduce/smoke/results) or --preset cpu, cpu_small or gpu"
             )
 
 
@@ -210,8 +219,11 @@ def _stage_seconds(task: dict) -> float:
     total = task["pretrain"]["train_seconds"] + task["pretrain"]["sweep"]["seconds"]
     for run in task["runs"].values():
         total += run["train_seconds"] + run["sweep"]["seconds"]
-    for ev in task["eval"].values():
-        total += ev.get("eval_seconds", 0.0)
+    for run in task.get("val_sweep", {}).values():
+        total += run["train_seconds"] + run["sweep"]["seconds"]
+    for seeds in task.get("seed_eval", {}).values():
+        for ev in seeds.values():
+            total += ev.get("eval_seconds", 0.0)
     return total
 
 

@@ -113,7 +113,7 @@ def eval_sets(task: TaskConfig, data_dir: str) -> dict:
     val_ds = dm.val_dataset  # a balanced Subset of val_size images
     test_targets = dataset_targets(dm.test_dataset)
     ev = task.eval
-    n_attack = max(ev.size, ev.thickness_size, ev.eps_curve_size, ev.steps_curve_size, ev.explainer_size, ev.pse_size)
+    n_attack = max(ev.size, ev.check_size, ev.paper_size, ev.explainer_size, ev.pse_size)
     attack_idx = balanced_order(test_targets, n_attack, seed=ev.seed)
     acc_idx = balanced_order(test_targets, ev.test_acc_size, seed=ev.seed + 1)
     n_sweep = min(task.sweep_eval_size, len(val_ds.indices))

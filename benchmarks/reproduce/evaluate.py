@@ -33,8 +33,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from explanations.attacks import PaperERAttack
 from explanations.evaluation import NOISE, WORST, EvaluationProtocol, eps_tag, iter_batches, pse_target_uniform
-from explanations.explainers import eval_mode
+from explanations.explainers import eval_mode, explain_with_logits
+from explanations.ranking_metrics import precision_at_k
 from explanations.pse import PSESettings, add_sums, analyze_batch, batch_sums, summarize
 
 from benchmarks.reproduce.data import ImageSet
@@ -165,93 +167,130 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
+def _per_image(values: dict[str, Tensor], key: str) -> list[float]:
+    """Per-image values of one protocol key as a JSON list (NaN kept as NaN)."""
+    return [float(v) for v in values[key].double().tolist()]
+
+
 def evaluate_model(
     net: nn.Module, test: ImageSet, test_acc: Dataset, cfg: EvalConfig, k: int | float,
-    pool: int | None, relu: bool, device, log: Callable[[str], None] = print,
+    pool: int | None, relu: bool, device, log: Callable[[str], None] = print, extras: bool = True,
 ) -> dict[str, Any]:
-    """Every metric of the study for one model (see the module docstring and presets.EvalConfig)."""
-    ev = Evaluator(net, cfg, k, pool, relu, device)
-    main = test.head(cfg.size)
-    t: dict[str, float] = {}
-    res: dict[str, Any] = {"relu": relu, "sizes": {}}
+    """Every metric of the study for one model (see the module docstring and presets.EvalConfig).
 
+    Main block (always): test accuracy on ``test_acc``; on the first ``cfg.size`` test images the
+    protocol's default ensemble (ER, ER through the Softplus surrogate where the model has ReLU-type
+    activations, MSE, uniform noise) at every budget of ``cfg.eps_list`` with ``cfg.steps`` steps,
+    the per-image worst case (cumulative over attacks and smaller budgets), boundary and all-pairs
+    thickness at ``cfg.eps``. Per-image worst-case P@k is stored (``per_image``) for the paired
+    statistics. ``extras``: also SmoothGrad / IG under ER, the paper-protocol attack column, the
+    step check (``cfg.check_steps`` steps at ``cfg.eps``) and PSE.
+    """
+    t: dict[str, float] = {}
+    res: dict[str, Any] = {"relu": relu, "sizes": {}, "per_image": {}}
     res["test_acc"] = _timed(t, "test_acc", lambda: accuracy(net, test_acc, device))
     res["sizes"]["test_acc"] = len(test_acc)
-    res["subset_acc"] = accuracy(net, main, device)
+    main = test.head(cfg.size)
+    res["ids"] = [int(i) for i in main.ids.tolist()]
     res["sizes"]["main"] = len(main)
-    log(f"    accuracy: test {res['test_acc']:.3f}, subset {res['subset_acc']:.3f}")
 
-    for name in ("er", "mse"):
-        out = _timed(t, name, lambda: ev.robust_attack(main, name, cfg.eps, cfg.attack_steps))
-        res[name] = _stats(out["final"])
-        res[f"{name}_direct"] = _stats(out["direct"])
-        if "surrogate" in out:
-            res[f"{name}_surrogate"] = _stats(out["surrogate"])
-        if name == "er":
-            er_main = out["final"]["p_at_k"]
-        log(f"    {name} P@k {res[name]['p_at_k']['mean']:.3f} ({t[name]:.0f} s)")
+    protocol = EvaluationProtocol(
+        eps=list(cfg.eps_list), attacks=None, noise=True, k=k, target="loss", pool=pool, seed=cfg.seed,
+        steps=cfg.steps, localization=False, correlations=True, thickness=True,
+        thickness_samples=cfg.thickness_samples, thickness_points=cfg.thickness_points, thickness_eps=cfg.eps,
+    )
+    out = _timed(t, "protocol", lambda: protocol.evaluate(net, iter_batches(main.x, main.y, main.ids, cfg.batch_size), device))
+    values = out.values
+    res["protocol"] = {"settings": protocol.settings(), "notes": list(out.notes),
+                       "attack_seconds": {k_: round(v, 2) for k_, v in out.seconds.items()}}
+    res["subset_acc"] = float(values["accuracy"].mean())
+    sources = sorted({key.split("/")[1] for key in values if key.startswith("p_at_k/")})
+    res["p_at_k"] = {src: {eps_tag(e): summary(values[f"p_at_k/{src}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
+                     for src in sources}
+    res["spearman_worst"] = {eps_tag(e): summary(values[f"spearman/{WORST}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
+    res["flip_rate_worst"] = {eps_tag(e): summary(values[f"flip_rate/{WORST}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
+    for e in protocol.eps:
+        res["per_image"][f"worst/{eps_tag(e)}"] = _per_image(values, f"p_at_k/{WORST}/gradient/{eps_tag(e)}")
+    for pairs in ("boundary", "all_pairs"):
+        res[f"thickness_{pairs}"] = summary(values[f"thickness/{pairs}/gradient"])
+        res["per_image"][f"thickness_{pairs}"] = _per_image(values, f"thickness/{pairs}/gradient")
+    worst = res["p_at_k"][WORST]
+    log(f"    test acc {res['test_acc']:.3f}; worst P@k " + " / ".join(f"{worst[eps_tag(e)]['mean']:.3f}" for e in protocol.eps)
+        + f" at eps {[round(e * 255, 2) for e in protocol.eps]}/255; thickness {res['thickness_boundary']['mean']:.3f} ({t['protocol']:.0f} s)")
+    if not extras:
+        res["timings_s"] = t
+        return res
 
-    curve_set = test.head(cfg.eps_curve_size)
-    if cfg.eps_curve_size and cfg.eps_list:
-        def eps_curve():
-            rows = []
-            for eps in cfg.eps_list:
-                er = ev.robust_attack(curve_set, "er", eps, cfg.eps_curve_steps)["final"]["p_at_k"]
-                rows.append({"eps": eps, "er": summary(er), "noise": summary(ev.noise(curve_set, eps))})
-            return rows
-        res["eps_curve"] = _timed(t, "eps_curve", eps_curve)
-        res["sizes"]["eps_curve"] = len(curve_set)
-        log(f"    eps curve ({t['eps_curve']:.0f} s)")
+    ev = Evaluator(net, cfg, k, pool, relu, device)
+    if cfg.check_size and cfg.check_steps:
+        check = main.head(cfg.check_size)
+        proto = EvaluationProtocol(eps=[cfg.eps], attacks=None, noise=False, k=k, target="loss", pool=pool,
+                                   seed=cfg.seed, steps=cfg.check_steps, localization=False, correlations=False,
+                                   thickness=False)
+        v = _timed(t, "check", lambda: proto.evaluate(net, iter_batches(check.x, check.y, check.ids, cfg.batch_size), device).values)
+        tag = eps_tag(cfg.eps)
+        strong = v[f"p_at_k/{WORST}/gradient/{tag}"]
+        base = values[f"p_at_k/{WORST}/gradient/{tag}"][: len(check)]
+        combined = torch.minimum(base, strong)  # the main worst case with the long attacks added
+        res["step_check"] = {"steps": cfg.check_steps, "n": len(check), "eps": cfg.eps,
+                             "main_worst": summary(base), "strong_worst": summary(strong),
+                             "combined_worst": summary(combined), "combined_minus_main": summary(combined - base),
+                             "share_lowered": float((combined < base).float().mean())}
+        res["per_image"]["check_strong"] = _per_image({"s": strong}, "s")
+        log(f"    step check: worst {float(base.mean()):.3f} with {cfg.steps} steps, {float(combined.mean()):.3f} with the "
+            f"{cfg.check_steps}-step attacks added ({float(strong.mean()):.3f} alone) ({t['check']:.0f} s)")
 
-    if cfg.steps_curve_size and cfg.steps_curve:
-        step_set = test.head(cfg.steps_curve_size)
-
-        def steps_curve():
-            rows = []
-            for steps in cfg.steps_curve:
-                if steps == cfg.attack_steps and len(step_set) <= len(main):
-                    values = er_main[: len(step_set)]  # the main attack's first images: same numbers
-                else:
-                    values = ev.robust_attack(step_set, "er", cfg.eps, steps)["final"]["p_at_k"]
-                rows.append({"steps": steps, "er": summary(values)})
-            return rows
-        res["steps_curve"] = _timed(t, "steps_curve", steps_curve)
-        res["sizes"]["steps_curve"] = len(step_set)
-        log(f"    steps curve ({t['steps_curve']:.0f} s)")
-
-    if cfg.thickness_size:
-        thick_set = test.head(cfg.thickness_size)
-        res["thickness"] = summary(_timed(t, "thickness", lambda: ev.thickness(thick_set)))
-        res["sizes"]["thickness"] = len(thick_set)
-        log(f"    thickness {res['thickness']['mean']:.3f} ({t['thickness']:.0f} s)")
+    if cfg.paper_size:
+        paper_set = main.head(cfg.paper_size)
+        res["paper"] = _timed(t, "paper", lambda: paper_column(net, paper_set, cfg, k, device, pool))
+        res["per_image"]["paper"] = res["paper"].pop("per_image")
+        log(f"    paper-protocol attack P@k {res['paper']['p_at_k']['mean']:.3f} ({t['paper']:.0f} s)")
 
     if cfg.explainer_size:
-        exp_set = test.head(cfg.explainer_size)
+        exp_set = main.head(cfg.explainer_size)
         methods = {
             "smoothgrad": {"num_samples": cfg.smoothgrad_samples, "noise_std": cfg.smoothgrad_noise},
             "integrated_gradients": {"steps": cfg.ig_steps},
         }
         for method, kwargs in methods.items():
             per_call = max(1, cfg.batch_size * 4 // max(1, next(iter(kwargs.values()))))
-            out = _timed(
-                t, method,
-                lambda: ev.robust_attack(
-                    exp_set, "er", cfg.eps, cfg.explainer_steps, method=method, method_kwargs=kwargs,
-                    batch_size=per_call,
-                ),
-            )
-            res[method] = _stats(out["final"])
+            o = _timed(t, method, lambda: ev.robust_attack(exp_set, "er", cfg.eps, cfg.explainer_steps, method=method,
+                                                           method_kwargs=kwargs, batch_size=per_call))
+            res[method] = _stats(o["final"])
             log(f"    {method} P@k {res[method]['p_at_k']['mean']:.3f} ({t[method]:.0f} s)")
         res["sizes"]["explainers"] = len(exp_set)
 
     if cfg.pse_size:
-        pse_set = test.head(cfg.pse_size)
+        pse_set = main.head(cfg.pse_size)
         res["pse"] = _timed(t, "pse", lambda: ev.pse(pse_set))
         res["sizes"]["pse"] = len(pse_set)
         log(f"    PSE sup/bal/pro {res['pse'].get('frac_suppression', float('nan')):.2f}/"
             f"{res['pse'].get('frac_balanced', float('nan')):.2f}/{res['pse'].get('frac_promotion', float('nan')):.2f} ({t['pse']:.0f} s)")
     res["timings_s"] = t
     return res
+
+
+def paper_column(net: nn.Module, data: ImageSet, cfg: EvalConfig, k: int | float, device, cfg_pool: int | None = None) -> dict[str, Any]:
+    """P@k under the R2ET reference threat model (``explanations.attacks.PaperERAttack``, first-flip,
+    in the model's own normalised input space), gradient explanations of the CE loss."""
+    norm = getattr(net, "normalize", None)
+    if norm is None:
+        raise ValueError("the paper-protocol column needs a model with a Normalize first layer (mean/std)")
+    attack = PaperERAttack(net, mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist(),
+                           steps=cfg.paper_steps, step_size=cfg.paper_step_size, k=k, pool=cfg_pool)
+    pk, flips = [], []
+    with eval_mode(net):
+        for x, y, ids in _chunks(data, cfg.batch_size, device):
+            with torch.enable_grad():
+                x_adv = attack(x, y).detach()
+                s0 = explain_with_logits(net, x, y, "gradient", "loss", cfg_pool).saliency.detach()
+                s1 = explain_with_logits(net, x_adv, y, "gradient", "loss", cfg_pool).saliency.detach()
+            with torch.no_grad():
+                flips.append((net(x_adv).argmax(1) != net(x).argmax(1)).float().cpu())
+            pk.append(precision_at_k(s0, s1, k).cpu())
+    p = torch.cat(pk)
+    return {"p_at_k": summary(p), "flip_rate": summary(torch.cat(flips)), "steps": cfg.paper_steps,
+            "step_size": cfg.paper_step_size, "n": len(data), "per_image": _per_image({"p": p}, "p")}
 
 
 def sweep_metrics(

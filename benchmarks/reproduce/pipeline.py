@@ -14,6 +14,7 @@ import fnmatch
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from explanations.evaluation import eps_tag
 from lightning_modules.classifier import RobustClassifier, load_model_weights
 
 from benchmarks.reproduce.data import build_datamodule, eval_sets
@@ -45,7 +47,7 @@ def run_name(method: str, param: str | None, value: float | None) -> str:
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.write_text(json.dumps(_json_safe(json.loads(json.dumps(data, default=float))), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -55,10 +57,12 @@ class Study:
     def __init__(
         self, preset: Preset, work_dir: str | Path, data_dirs: dict[str, str | None], seed: int = 0,
         force: bool = False, redo: list[str] | None = None, log: Callable[[str], None] = print,
+        weights_files: dict[str, str | None] | None = None,
     ) -> None:
         self.preset, self.seed, self.force, self.redo = preset, seed, force, list(redo or [])
         self.work = Path(work_dir)
         self.data_dirs = data_dirs
+        self.weights_files = dict(weights_files or {})
         self.log = log
         self.accelerator = preset.accelerator
         if self.accelerator == "auto":
@@ -95,10 +99,13 @@ class Study:
         """
         cfg = dataclasses.asdict(task)
         pre_keys = ("dataset", "backbone", "backbone_kwargs", "image_size", "train_size", "val_fraction",
-                    "augment", "batch_size", "val_size", "pretrain_epochs", "pretrain_lr", "pretrain_weight_decay")
+                    "augment", "batch_size", "val_size", "pretrain_epochs", "pretrain_lr", "pretrain_weight_decay",
+                    "pretrained")
         pre = {k: cfg[k] for k in pre_keys}
         pre.update(seed=self.seed, data_dir=str(self.data_dirs.get(task.dataset)))
-        skip = ("eval", "methods", "grids", "defaults", "inherit", "accuracy_floor")
+        if task.pretrained:
+            pre.update(pretrained=True, weights=_file_id(self.weights_files.get(task.dataset)))
+        skip = ("eval", "methods", "grids", "defaults", "inherit", "accuracy_floor", "seed_methods", "seeds", "val_sweep")
         ft = {"pre": pre, **{k: v for k, v in cfg.items() if k not in skip}}
         ft["sweep_eval"] = {k: cfg["eval"][k] for k in ("eps", "relu_surrogate", "surrogate_beta", "seed", "batch_size")}
         ev = {"ft": ft, "eval": cfg["eval"]}
@@ -118,14 +125,20 @@ class Study:
         elif param == "softplus_beta" and value is not None:
             kwargs["softplus_beta"] = float(value)
         elif param == "at_eps":
-            kwargs["objective_kwargs"] = {"eps": float(value if value is not None else task.eval.eps), "steps": task.at_steps}
+            at = {"eps": float(value if value is not None else task.eval.eps), "steps": task.at_steps}
+            at.update(task.at_kwargs)
+            if value is not None:
+                at["eps"] = float(value)
+            kwargs["objective_kwargs"] = at
         return kwargs
 
     def _fit(self, task_name: str, task: TaskConfig, run: str, kwargs: dict[str, Any], *, lr: float,
-             weight_decay: float, epochs: int, train_size: int, init_from: Path | None) -> dict[str, Any]:
+             weight_decay: float, epochs: int, train_size: int, init_from: Path | None,
+             seed: int | None = None) -> dict[str, Any]:
         data_dir = self.data_dirs[task.dataset]
         dm = build_datamodule(task, data_dir, train_size)
-        L.seed_everything(self.seed, workers=True, verbose=False)
+        seed = self.seed if seed is None else seed
+        L.seed_everything(seed, workers=True, verbose=False)
         model = RobustClassifier(
             **kwargs,
             optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay),
@@ -152,6 +165,7 @@ class Study:
             "ms_per_image_epoch": round(1000 * wall / max(1, n * epochs), 3),
             "train_metrics": metrics, "model_kwargs": kwargs, "checkpoint": str(ckpt),
             "threads": torch.get_num_threads(), "device": self.accelerator, "created": time.time(),
+            "seed": seed,
         }
 
     def load_net(self, kwargs: dict[str, Any], ckpt: str | Path) -> torch.nn.Module:
@@ -164,6 +178,7 @@ class Study:
         task: TaskConfig = getattr(self.preset, task_name)
         log = self.log
         log(f"== {task_name}: {task.backbone} {task.backbone_kwargs} at {task.image_size} px, methods {list(task.methods)}")
+        check_task(task)
         sets = eval_sets(task, self.data_dirs[task.dataset])
         result: dict[str, Any] = {"runs": {}, "selection": {}, "eval": {}}
         fp = self.fingerprints(task)
@@ -175,13 +190,33 @@ class Study:
         pre_ckpt = self.ckpt_path(task_name, "pretrain")
         pre = self._cached(task_name, "pretrain", fp["pretrain"], pre_ckpt)
         if pre is None:
-            log(f"-- pretrain ({task.pretrain_epochs} epochs on {task.train_size} images)")
+            pre_kwargs = self.model_kwargs(task, "vanilla", None)
+            published: dict[str, Any] = {}
+            if task.pretrained:
+                weights = self.weights_files.get(task.dataset)
+                if not weights or not Path(weights).is_file():
+                    raise FileNotFoundError(
+                        f"the {task_name} task adapts published weights (pretrained: true) but the weights file "
+                        f"{weights!r} does not exist; pass --weights-file (see ../shared/weights/README.md)")
+                start = RobustClassifier(**pre_kwargs, weights_file=str(weights)).model.to(self.device).eval()
+                published = {"weights_file": str(weights), "test_acc": accuracy(start, sets["test_acc"], self.device),
+                             "val_acc": accuracy(start, sets["val_acc"], self.device), "test_size": len(sets["test_acc"])}
+                log(f"-- adapt the published weights: test acc {published['test_acc']:.4f} before "
+                    f"({task.pretrain_epochs} epoch(s) on {task.train_size} images)")
+                pre_kwargs_fit = {**pre_kwargs, "weights_file": str(weights)}
+            else:
+                log(f"-- pretrain ({task.pretrain_epochs} epochs on {task.train_size} images)")
+                pre_kwargs_fit = pre_kwargs
             pre = self._fit(
-                task_name, task, "pretrain", self.model_kwargs(task, "vanilla", None),
+                task_name, task, "pretrain", pre_kwargs_fit,
                 lr=task.pretrain_lr, weight_decay=task.pretrain_weight_decay, epochs=task.pretrain_epochs,
                 train_size=task.train_size, init_from=None,
             )
+            pre["model_kwargs"] = pre_kwargs
+            pre["published"] = published
             net = self.load_net(pre["model_kwargs"], pre_ckpt)
+            pre["test_acc"] = accuracy(net, sets["test_acc"], self.device)
+            pre["test_size"] = len(sets["test_acc"])
             pre["sweep"] = sweep_metrics(net, sets["val_acc"], None, task.eval, task.k, task.pool, True, 0, self.device)
             # what the activation swap alone does to the pretrained weights (documents the beta choice)
             pre["swap_val_acc"] = {
@@ -190,7 +225,7 @@ class Study:
             }
             pre["fingerprint"] = fp["pretrain"]
             write_json(self._stage_path(task_name, "pretrain"), pre)
-        log(f"   pretrain: {pre['train_seconds']:.0f} s, val acc {pre['sweep']['val_acc']:.3f}")
+        log(f"   pretrain: {pre['train_seconds']:.0f} s, val acc {pre['sweep']['val_acc']:.3f}, test acc {pre.get('test_acc', float('nan')):.4f}")
         result["pretrain"] = pre
 
         # 2. fine-tunes: every grid point, vanilla first (the accuracy floor), inheritors last
@@ -247,27 +282,197 @@ class Study:
                 "note": note, "floor": floor, "points": [p["run"] for p in points],
             }
 
-        # 3. evaluation of each selected model on the fixed test subset
+        # 3. training seeds of the selected settings (same images, same budget, another seed)
+        result["seed_runs"] = {}
         for method in task.methods:
             sel = result["selection"][method]
-            info = result["runs"][sel["run"]]
-            stage = f"eval/{sel['run']}"
-            ev_fp = chained("eval", info)
-            ev = self._cached(task_name, stage, ev_fp)
-            if ev is None:
-                log(f"-- evaluate {sel['run']}")
-                net = self.load_net(info["model_kwargs"], self.ckpt_path(task_name, sel["run"]))
-                wall, cpu = time.perf_counter(), time.process_time()
-                ev = evaluate_model(
-                    net, sets["test"], sets["test_acc"], task.eval, task.k, task.pool,
-                    info["model_kwargs"]["activation"] == "relu", self.device, log=log,
+            runs = {0: sel["run"]}
+            if method in task.seed_methods:
+                base = result["runs"][sel["run"]]
+                for seed in range(1, task.seeds):
+                    run = f"{sel['run']}-seed{seed}"
+                    ckpt = self.ckpt_path(task_name, run)
+                    stage = f"finetune/{run}"
+                    ft_fp = chained("finetune", pre)
+                    info = self._cached(task_name, stage, ft_fp, ckpt)
+                    if info is None:
+                        log(f"-- fine-tune {run} (training seed {self.seed + seed})")
+                        info = self._fit(
+                            task_name, task, run, base["model_kwargs"], lr=task.finetune_lr,
+                            weight_decay=base["weight_decay"], epochs=task.finetune_epochs,
+                            train_size=task.finetune_size or task.train_size, init_from=pre_ckpt,
+                            seed=self.seed + seed,
+                        )
+                        info["sweep"] = sweep_metrics(
+                            self.load_net(info["model_kwargs"], ckpt), sets["val_acc"], None, task.eval, task.k,
+                            task.pool, info["model_kwargs"]["activation"] == "relu", 0, self.device,
+                        )
+                        info.update(method=method, param=base.get("param"), value=base.get("value"), fingerprint=ft_fp)
+                        write_json(self._stage_path(task_name, stage), info)
+                    result["runs"][run] = info
+                    runs[seed] = run
+            result["seed_runs"][method] = {str(k): v for k, v in runs.items()}
+
+        # 4. evaluation of each selected model (every seed) on the fixed test subset
+        result["seed_eval"] = {}
+        for method in task.methods:
+            result["seed_eval"][method] = {}
+            for seed, run in result["seed_runs"][method].items():
+                info = result["runs"][run]
+                extras = seed == "0"
+                stage = f"eval/{run}"
+                ev_fp = chained("eval", info)
+                ev = self._cached(task_name, stage, ev_fp)
+                if ev is None:
+                    log(f"-- evaluate {run}" + ("" if extras else " (main block)"))
+                    net = self.load_net(info["model_kwargs"], self.ckpt_path(task_name, run))
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    ev = evaluate_model(
+                        net, sets["test"], sets["test_acc"], task.eval, task.k, task.pool,
+                        info["model_kwargs"]["activation"] == "relu", self.device, log=log, extras=extras,
+                    )
+                    ev["eval_seconds"] = round(time.perf_counter() - wall, 2)
+                    ev["eval_cpu_seconds"] = round(time.process_time() - cpu, 2)
+                    ev["fingerprint"] = ev_fp
+                    write_json(self._stage_path(task_name, stage), ev)
+                result["seed_eval"][method][seed] = ev
+            result["eval"][method] = result["seed_eval"][method]["0"]
+        result["comparisons"] = comparisons(task, result)
+
+        # 5. the validation-only sweep (why R2ET does or does not beat its controls)
+        result["val_sweep"] = {}
+        for variant in task.val_sweep:
+            name, method, changes = variant["name"], variant["method"], dict(variant.get("set") or {})
+            _, _, param = METHOD_RECIPES[method]
+            value = changes.pop("weight", "selected") if param == "weight" else None
+            if value == "selected":
+                value = result["selection"][method]["value"]
+            if param == "softplus_beta":
+                value = changes.pop("softplus_beta", result["selection"][method]["value"])
+            epochs = int(changes.pop("epochs", task.finetune_epochs))
+            kwargs = self.model_kwargs(task, method, value)
+            kwargs.update(changes)
+            run = f"valsweep-{name}"
+            ckpt = self.ckpt_path(task_name, run)
+            stage = f"valsweep/{name}"
+            ft_fp = _digest({"parent": chained("finetune", pre), "variant": variant, "resolved": [value, epochs]})
+            info = self._cached(task_name, stage, ft_fp, ckpt)
+            if info is None:
+                log(f"-- validation sweep {name}: {method}, {param}={value}, {epochs} epoch(s), {changes}")
+                info = self._fit(task_name, task, run, kwargs, lr=task.finetune_lr, weight_decay=0.0, epochs=epochs,
+                                 train_size=task.finetune_size or task.train_size, init_from=pre_ckpt)
+                info["sweep"] = sweep_metrics(
+                    self.load_net(kwargs, ckpt), sets["val_acc"], sets["val_attack"], task.eval, task.k, task.pool,
+                    kwargs["activation"] == "relu", task.sweep_attack_steps, self.device,
                 )
-                ev["eval_seconds"] = round(time.perf_counter() - wall, 2)
-                ev["eval_cpu_seconds"] = round(time.process_time() - cpu, 2)
-                ev["fingerprint"] = ev_fp
-                write_json(self._stage_path(task_name, stage), ev)
-            result["eval"][method] = ev
+                info.update(method=method, param=param, value=value, variant=variant, fingerprint=ft_fp)
+                write_json(self._stage_path(task_name, stage), info)
+            sw = info["sweep"]
+            pk = sw.get("val_p_at_k", {}).get("mean")
+            log(f"   {name}: val acc {sw['val_acc']:.3f}" + ("" if pk is None else f", val P@k {pk:.3f}"))
+            result["val_sweep"][name] = info
         return result
+
+
+#: The study's comparisons: R2ET against each of these (paired over the same test images).
+COMPARED = ("vanilla", "wd", "sp", "est_h", "grad_norm", "at", "r2et_noh", "r2et_mm")
+
+
+def comparisons(task: TaskConfig, result: dict[str, Any], reference: str = "r2et") -> dict[str, Any]:
+    """Paired per-image differences of worst-case P@k, reference minus each other method.
+
+    For every training seed s of the reference, its per-image worst-case P@k is paired with the
+    other method's seed s (its seed 0 when it has no seed s) on the same images, with a bootstrap
+    interval over images per seed (``seeds``; ``stats.paired_bootstrap``). ``seeds_agree``: every
+    seed's interval excludes zero on the same side. ``paired_diff`` / ``ci_low`` / ``ci_high``: the
+    seed-averaged per-image difference and its 95% bootstrap interval. Headline budget
+    ``task.eval.eps``; every budget in ``by_eps``. Refuses records made on other images or with
+    other protocol settings.
+    """
+    from benchmarks.reproduce.stats import paired_bootstrap, seeds_agree
+
+    evals = result.get("seed_eval", {})
+    if reference not in evals:
+        return {}
+    headline = eps_tag(task.eval.eps)
+    ref_ids = evals[reference]["0"]["ids"]
+    out: dict[str, Any] = {}
+    for other in COMPARED:
+        if other not in evals:
+            continue
+        pairs = []  # (seed, reference eval, other eval, other's seed)
+        for seed, ev in sorted(evals[reference].items(), key=lambda item: int(item[0])):
+            o_seed = seed if seed in evals[other] else "0"
+            ev_o = evals[other][o_seed]
+            for e in (ev, ev_o):
+                if e["ids"] != ref_ids or e["protocol"]["settings"] != evals[reference]["0"]["protocol"]["settings"]:
+                    raise ValueError(f"comparison {reference} vs {other}: the evaluations were made on other images or "
+                                     "with other protocol settings; rerun the stale eval stages (--redo 'TASK/eval/*')")
+            pairs.append((seed, ev, ev_o, o_seed))
+        per_eps: dict[str, Any] = {}
+        for key in evals[reference]["0"]["per_image"]:
+            if not key.startswith("worst/"):
+                continue
+            diffs, rows = [], []
+            for seed, ev, ev_o, o_seed in pairs:
+                d = paired_bootstrap(ev["per_image"][key], ev_o["per_image"][key], seed=int(seed))
+                diffs.append(d)
+                rows.append({"seed": int(seed), "other_seed": int(o_seed), **d.as_dict(),
+                             "test_acc_diff": ev["test_acc"] - ev_o["test_acc"]})
+            # the interval of the seed-averaged per-image difference (one resample of images for all seeds)
+            mean_a = torch.tensor([e["per_image"][key] for _, e, _, _ in pairs], dtype=torch.float64).mean(0)
+            mean_b = torch.tensor([e["per_image"][key] for _, _, e, _ in pairs], dtype=torch.float64).mean(0)
+            pooled = paired_bootstrap(mean_a, mean_b, seed=0)
+            per_eps[key.split("/", 1)[1]] = {
+                "paired_diff": pooled.paired_diff, "ci_low": pooled.ci_low, "ci_high": pooled.ci_high,
+                "seeds_agree": seeds_agree(diffs), "seeds": rows,
+            }
+        block = dict(per_eps[headline])
+        block.update(reference=reference, other=other, eps=task.eval.eps, by_eps=per_eps,
+                     n_seeds=len(evals[reference]), other_seeds=len(evals[other]))
+        out[other] = block
+    return out
+
+
+def check_task(task: TaskConfig) -> None:
+    """Refuse settings the study cannot honour, before any work (names the value and what is valid)."""
+    if not any(abs(task.eval.eps - e) < 1e-12 for e in task.eval.eps_list):
+        raise ValueError(f"eval.eps={task.eval.eps!r} (the headline budget) must be one of eval.eps_list={list(task.eval.eps_list)}")
+    unknown = sorted(set(task.seed_methods) - set(task.methods))
+    if unknown:
+        raise ValueError(f"seed_methods {unknown} are not in methods={list(task.methods)}")
+    for variant in task.val_sweep:
+        name, method = variant.get("name"), variant.get("method")
+        if not name or method not in METHOD_RECIPES:
+            raise ValueError(f"val_sweep variant {variant!r} needs a name and a method in {sorted(METHOD_RECIPES)}")
+        if method not in task.methods:
+            raise ValueError(f"val_sweep variant {name!r}: method {method!r} is not in methods={list(task.methods)}")
+        param = METHOD_RECIPES[method][2]
+        if param not in (None, "weight", "softplus_beta"):
+            raise ValueError(f"val_sweep variant {name!r}: method {method!r} (swept by {param}) is not supported; "
+                             "valid: methods with a regularizer weight, sp, vanilla")
+        unknown = sorted(set(variant.get("set") or {}) - {"weight", "softplus_beta", "k", "pair_set", "epochs"})
+        if unknown:
+            raise ValueError(f"val_sweep variant {name!r}: unknown keys {unknown}; valid: weight, softplus_beta, k, pair_set, epochs")
+
+
+def _json_safe(data: Any) -> Any:
+    """NaN / inf floats as null, so the files are strict JSON."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_json_safe(v) for v in data]
+    return data
+
+
+def _file_id(path: str | None) -> str | None:
+    """A weights file's identity for the cache: path and size (a replaced file invalidates the stage)."""
+    if not path:
+        return None
+    p = Path(path)
+    return f"{p.resolve()}:{p.stat().st_size}" if p.is_file() else str(p)
 
 
 def _digest(data: Any) -> str:

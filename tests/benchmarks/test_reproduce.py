@@ -35,19 +35,23 @@ def _write_folder(root, splits, classes, per_class, size):
 
 
 TINY = [
-    # both tasks: a 4-wide ResNet-9, one epoch, 2-5 step attacks on a few images
-    "cifar.backbone_kwargs={width: 4}", "cifar.train_size=60", "cifar.finetune_size=40", "cifar.val_size=10",
-    "cifar.batch_size=20", "cifar.sweep_eval_size=4", "cifar.sweep_attack_steps=2", "cifar.at_steps=1",
-    "cifar.methods=[vanilla, wd, r2et, r2et_noh]", "cifar.grids={wd: [0.005, 0.05], r2et: [0.1, 1.0]}",
-    "cifar.eval={size: 4, batch_size: 4, attack_steps: 3, relu_surrogate: [er], eps_list: [0.0313725],"
-    " eps_curve_steps: 2, eps_curve_size: 2, steps_curve: [1, 3], steps_curve_size: 2, thickness_size: 2,"
-    " thickness_samples: 1, thickness_points: 2, explainer_size: 2, explainer_steps: 1, smoothgrad_samples: 2,"
-    " ig_steps: 2, pse_size: 2, pse_steps: 2, pse_group_size: 16, test_acc_size: 10}",
+    # both tasks: a 4-wide ResNet-9, one epoch, 2-3 step attacks on a few images; CIFAR starts from
+    # a "published" weights file the test writes (the adaptation path of the cpu preset)
+    "cifar.backbone_kwargs={width: 4}", "cifar.pretrained=true", "cifar.train_size=60", "cifar.finetune_size=40",
+    "cifar.val_size=10", "cifar.batch_size=20", "cifar.sweep_eval_size=4", "cifar.sweep_attack_steps=2",
+    "cifar.methods=[vanilla, wd, sp, est_h, r2et, r2et_noh, at]", "cifar.grids={wd: [0.005, 0.05], r2et: [0.1, 1.0]}",
+    "cifar.seed_methods=[sp, r2et]", "cifar.seeds=2",
+    "cifar.val_sweep=[{name: r2et-k8, method: r2et, set: {weight: selected, k: 8, epochs: 2}},"
+    " {name: sp-beta2, method: sp, set: {softplus_beta: 2.0}}]",
+    "cifar.eval={size: 6, batch_size: 6, steps: 2, eps_list: [0.0078431, 0.0313725], eps: 0.0313725,"
+    " thickness_samples: 1, thickness_points: 2, check_size: 4, check_steps: 4, paper_size: 4, paper_steps: 3,"
+    " explainer_size: 2, explainer_steps: 1, smoothgrad_samples: 2, ig_steps: 2, pse_size: 2, pse_steps: 2,"
+    " pse_group_size: 16, test_acc_size: 10}",
     "imagenette.backbone=resnet9", "imagenette.backbone_kwargs={width: 4}", "imagenette.image_size=32",
     "imagenette.pool=4", "imagenette.train_size=20", "imagenette.val_size=10", "imagenette.batch_size=10",
-    "imagenette.eval={size: 2, batch_size: 2, attack_steps: 2, relu_surrogate: [], eps_list: [],"
-    " steps_curve: [], thickness_size: 2, thickness_samples: 1, thickness_points: 1, explainer_size: 0,"
-    " pse_size: 2, pse_steps: 1, pse_group_size: 16, test_acc_size: 10}",
+    "imagenette.eval={size: 2, batch_size: 2, steps: 2, eps_list: [0.0313725], eps: 0.0313725, thickness_samples: 1,"
+    " thickness_points: 1, check_size: 0, paper_size: 0, explainer_size: 0, pse_size: 2, pse_steps: 1,"
+    " pse_group_size: 16, test_acc_size: 10}",
 ]
 
 
@@ -66,9 +70,21 @@ def folders(tmp_path):
     return cifar, nette
 
 
+def _weights(tmp_path):
+    """A stand-in for the published CIFAR weights: a fresh 4-wide ResNet-9's state dict."""
+    from lightning_modules.backbones import build_backbone
+
+    path = tmp_path / "published.pth"
+    if not path.is_file():
+        torch.manual_seed(0)
+        torch.save(build_backbone("resnet9", num_classes=10, width=4).state_dict(), path)
+    return path
+
+
 def _args(tmp_path, cifar, nette, *extra):
     args = [
         "--preset", "smoke", "--data-dir", str(cifar), "--imagenette-dir", str(nette),
+        "--weights-file", str(_weights(tmp_path)),
         "--out", str(tmp_path / "docs" / "results"), "--work", str(tmp_path / "work"),
         # one thread: on a shared (loaded) machine, 2-thread OpenMP barriers on these tiny tensors
         # cost ~100x the math itself
@@ -95,9 +111,12 @@ def test_pipeline_end_to_end_and_resume(tmp_path, folders, monkeypatch):
     assert saved["hardware"]["threads"] >= 1 and saved["command"].startswith("python -m benchmarks.reproduce")
 
     task = saved["tasks"]["cifar"]
-    assert set(task["pretrain"]["swap_val_acc"]) == {"2.0", "5.0", "10.0"}
-    assert all(_in_unit(a) for a in task["pretrain"]["swap_val_acc"].values())
-    assert set(task["eval"]) == {"vanilla", "wd", "r2et", "r2et_noh"}
+    pre = task["pretrain"]
+    # the adaptation starts from the weights file: its accuracy before and the start's after are recorded
+    assert pre["published"]["weights_file"] == str(_weights(tmp_path)) and _in_unit(pre["published"]["test_acc"])
+    assert _in_unit(pre["test_acc"]) and pre["test_size"] == 10
+    assert set(pre["swap_val_acc"]) == {"2.0", "5.0", "10.0"}
+    assert set(task["eval"]) == {"vanilla", "wd", "sp", "est_h", "r2et", "r2et_noh", "at"}
     # sweep: both grid points trained and recorded, the selected one among them
     sel = task["selection"]
     assert len(sel["r2et"]["points"]) == 2 and sel["r2et"]["run"] in sel["r2et"]["points"]
@@ -105,36 +124,77 @@ def test_pipeline_end_to_end_and_resume(tmp_path, folders, monkeypatch):
     assert sel["r2et_noh"]["value"] == sel["r2et"]["value"]
     assert sel["r2et_noh"]["source"] == "inherited from r2et"
     assert sel["wd"]["floor"] == pytest.approx(task["runs"]["vanilla"]["sweep"]["val_acc"] - 0.02)
-    for run in task["runs"].values():
-        assert _in_unit(run["sweep"]["val_acc"]) and _in_unit(run["sweep"]["val_p_at_k"]["mean"])
-        assert run["train_seconds"] > 0
-    # every metric present and in range
-    for method, ev in task["eval"].items():
-        assert _in_unit(ev["test_acc"]) and _in_unit(ev["subset_acc"])
-        for key in ("er", "mse", "smoothgrad", "integrated_gradients"):
-            assert _in_unit(ev[key]["p_at_k"]["mean"]), (method, key)
-            assert ev[key]["pred_flip"]["mean"] == 0.0  # the attacks keep the prediction
-        assert -1.0 <= ev["er"]["spearman"]["mean"] <= 1.0 or math.isnan(ev["er"]["spearman"]["mean"])
-        assert _in_unit(ev["thickness"]["mean"])
-        assert [r["steps"] for r in ev["steps_curve"]] == [1, 3]
-        assert _in_unit(ev["eps_curve"][0]["noise"]["mean"]) and _in_unit(ev["eps_curve"][0]["er"]["mean"])
-        assert "frac_suppression" in ev["pse"] and "attack_success_rate" in ev["pse"]
-        # ReLU models are also attacked through the Softplus surrogate; the reported value is the worse
-        if ev["relu"]:
-            assert ev["er"]["p_at_k"]["mean"] <= min(ev["er_direct"]["p_at_k"]["mean"], ev["er_surrogate"]["p_at_k"]["mean"]) + 1e-9
-        else:
-            assert "er_surrogate" not in ev
+    # AT trains with the reference-strength attack: one l2 step
+    at_kwargs = task["runs"]["at"]["model_kwargs"]["objective_kwargs"]
+    assert at_kwargs["steps"] == 1 and at_kwargs["step"] == "l2"
+    # training seeds: the seeded methods have two fine-tunes with different training seeds (other weights)
+    assert task["seed_runs"]["r2et"] == {"0": sel["r2et"]["run"], "1": sel["r2et"]["run"] + "-seed1"}
+    assert set(task["seed_runs"]["vanilla"]) == {"0"}
+    seed1 = task["runs"][sel["r2et"]["run"] + "-seed1"]
+    assert seed1["seed"] == 1 and task["runs"][sel["r2et"]["run"]]["seed"] == 0
+    w0 = torch.load(task["runs"][sel["r2et"]["run"]]["checkpoint"], weights_only=True)["state_dict"]
+    w1 = torch.load(seed1["checkpoint"], weights_only=True)["state_dict"]
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if w0[k].is_floating_point())
+    tags = ["eps_2", "eps_8"]
+    for method, seeds in task["seed_eval"].items():
+        for seed, ev in seeds.items():
+            assert _in_unit(ev["test_acc"]) and ev["sizes"]["main"] == 6
+            worst = [ev["per_image"][f"worst/{t}"] for t in tags]
+            # the worst case is per image at most every attack, and never rises with the budget
+            for t, w in zip(tags, worst):
+                for src, block in ev["p_at_k"].items():
+                    assert ev["p_at_k"]["worst"][t]["mean"] <= block[t]["mean"] + 1e-9, (method, src, t)
+                assert all(_in_unit(v) for v in w)
+            assert all(b <= a + 1e-9 for a, b in zip(*worst))
+            assert _in_unit(ev["thickness_boundary"]["mean"]) and _in_unit(ev["thickness_all_pairs"]["mean"])
+            extras = ("paper", "step_check", "smoothgrad", "integrated_gradients", "pse")
+            assert all((key in ev) == (seed == "0") for key in extras), (method, seed)
+        ev = seeds["0"]
+        assert ("er_surrogate" in ev["p_at_k"]) == ev["relu"]  # the surrogate attack only where ReLU is
+        check = ev["step_check"]
+        assert check["combined_worst"]["mean"] <= check["main_worst"]["mean"] + 1e-9
+        assert _in_unit(ev["paper"]["p_at_k"]["mean"]) and len(ev["per_image"]["paper"]) == 4
+        assert "frac_suppression" in ev["pse"]
+    # paired comparisons, R2ET minus each method, one interval per R2ET seed
+    comps = task["comparisons"]
+    assert set(comps) == {"vanilla", "wd", "sp", "est_h", "r2et_noh", "at"}
+    for other, c in comps.items():
+        assert len(c["seeds"]) == 2 and c["ci_low"] <= c["paired_diff"] <= c["ci_high"]
+        signs = {r["sign"] for r in c["seeds"]}
+        assert c["seeds_agree"] == (len(signs) == 1 and 0 not in signs)
+        assert [r["other_seed"] for r in c["seeds"]] == ([0, 1] if other == "sp" else [0, 0])
+        mine = task["seed_eval"]["r2et"]["0"]["per_image"]["worst/eps_8"]
+        theirs = task["seed_eval"][other]["0"]["per_image"]["worst/eps_8"]
+        assert c["seeds"][0]["paired_diff"] == pytest.approx(sum(mine) / 6 - sum(theirs) / 6)
+        # the headline difference is the seed average, its interval the one of the seed-averaged differences
+        assert c["paired_diff"] == pytest.approx(sum(r["paired_diff"] for r in c["seeds"]) / 2)
+    # the machine-readable summary the docs promise
+    summ = saved["summary"]["cifar"]
+    for method, row in summ["methods"].items():
+        assert set(row["p_at_k_worst"]) == set(tags) and _in_unit(row["test_acc"]) and _in_unit(row["thickness_boundary"])
+    for key, row in summ["comparisons"].items():
+        assert key.startswith("r2et_vs_") and isinstance(row["seeds_agree"], bool)
+        assert {"paired_diff", "ci_low", "ci_high"} <= set(row)
+    rc = summ["rank_correlation_thickness_p_at_k"]["boundary"]
+    assert math.isnan(rc) or -1.0 <= rc <= 1.0
+    # the validation-only sweep: its own fine-tunes, scored on val images only
+    vs = task["val_sweep"]
+    assert set(vs) == {"r2et-k8", "sp-beta2"}
+    assert vs["r2et-k8"]["value"] == sel["r2et"]["value"] and vs["r2et-k8"]["model_kwargs"]["k"] == 8
+    assert vs["r2et-k8"]["epochs"] == 2 and vs["sp-beta2"]["model_kwargs"]["softplus_beta"] == 2.0
+    assert all(_in_unit(v["sweep"]["val_acc"]) and _in_unit(v["sweep"]["val_p_at_k"]["mean"]) for v in vs.values())
     nette_task = saved["tasks"]["imagenette"]
     assert set(nette_task["eval"]) == {"vanilla", "r2et"}
-    assert _in_unit(nette_task["eval"]["r2et"]["er"]["p_at_k"]["mean"])
+    assert _in_unit(nette_task["eval"]["r2et"]["p_at_k"]["worst"]["eps_8"]["mean"])
 
     text = doc.read_text()
-    assert "| Method | Act. | Chosen |" in text and "Expected ordering" in text
-    assert "R2ET vs Vanilla" in text and "R2ET vs WD" in text
+    assert "| Method | Act. | Chosen | Seeds |" in text and "### Paired comparisons" in text
+    assert "R2ET vs |" in text and "| SP |" in text and "rank correlation" in text
     assert "Weight selection on the validation split" in text and "inherited from r2et" in text
-    for png in ("cifar_pk_vs_acc", "cifar_pk_vs_steps", "cifar_thickness_vs_pk", "cifar_pk_vs_eps", "imagenette_pk_vs_acc"):
+    assert "step check" in text and "AT at the reference strength" in text and "validation-only sweep" in text
+    for png in ("cifar_pk_vs_acc", "cifar_thickness_vs_pk", "cifar_pk_vs_eps", "imagenette_pk_vs_acc"):
         assert (tmp_path / "docs" / "results" / f"{png}.png").stat().st_size > 1000
-        assert f"results/{png}.png" in text or png.startswith("imagenette")
+        assert f"results/{png}.png" in text
     assert results["tasks"]["cifar"]["selection"] == sel
 
     # a second invocation reuses every stage record: no training, no evaluation
@@ -149,23 +209,56 @@ def test_pipeline_end_to_end_and_resume(tmp_path, folders, monkeypatch):
     doc.unlink()
     cli.main(_args(tmp_path, cifar, nette, "--report-only", "--compare", str(json_path)))
     text = doc.read_text()
-    assert "### Rerun comparison" in text and "Largest difference over methods: test acc 0.000, ER P@k 0.000" in text
+    assert "## Rerun comparison" in text and "Largest difference over methods: test acc 0.000, worst P@k 8/255 0.000" in text
+
+
+def test_pretrained_preset_needs_its_weights_file(tmp_path, folders):
+    cifar, nette = folders
+    with pytest.raises(SystemExit, match="--weights-file"):
+        cli.main(["--preset", "cpu", "--data-dir", str(cifar), "--work", str(tmp_path / "w"),
+                  "--out", str(tmp_path / "o"), "--weights-file", str(tmp_path / "missing.th")])
 
 
 def test_presets_and_overrides():
+    assert PRESETS == ("smoke", "cpu", "cpu_small", "gpu")
     for name in PRESETS:
         preset = build_preset(name)
         for task in (preset.cifar, preset.imagenette):
+            if task is None:
+                continue
             for method, parent in task.inherit.items():
                 assert parent in task.methods and parent not in task.inherit
-            assert task.eval.size <= max(task.eval.size, task.eval.thickness_size)
+            assert set(task.seed_methods) <= set(task.methods)
+    # what the cpu study promises: the published ResNet-20, >= 10k fine-tuning images, >= 200
+    # evaluation and >= 2000 accuracy images, four budgets, three seeds of the central methods
+    cpu = build_preset("cpu").cifar
+    assert cpu.backbone == "resnet20" and cpu.pretrained and cpu.finetune_size >= 10000
+    assert cpu.eval.size >= 200 and cpu.eval.test_acc_size >= 2000 and cpu.seeds == 3
+    assert cpu.eval.eps_list == pytest.approx((1 / 255, 2 / 255, 4 / 255, 8 / 255))
+    assert {"sp", "est_h", "r2et"} <= set(cpu.seed_methods)
+    gpu = build_preset("gpu").cifar
+    assert gpu.train_size == 45000 and gpu.eval.size == 1000 and gpu.backbone_kwargs == {"width": 64}
     preset = build_preset("cpu")
-    assert preset.cifar.eval.attack_steps == 100 and preset.cifar.eval.eps == pytest.approx(8 / 255)
     apply_override(preset, "cifar.eval.size=7")
     apply_override(preset, "cifar.methods=[vanilla, r2et]")
     assert preset.cifar.eval.size == 7 and preset.cifar.methods == ("vanilla", "r2et")
     with pytest.raises(ValueError, match="no field"):
         apply_override(preset, "cifar.nonsense=1")
+    with pytest.raises(ValueError, match="valid: smoke, cpu, cpu_small, gpu"):
+        build_preset("full")
+    # settings the study cannot honour are refused before any work, naming the value
+    bad = build_preset("smoke")
+    apply_override(bad, "cifar.eval.eps=0.5")
+    with pytest.raises(ValueError, match="eval.eps=0.5"):
+        pipeline.check_task(bad.cifar)
+    bad = build_preset("smoke")
+    apply_override(bad, "cifar.val_sweep=[{name: x, method: wd, set: {weight: 1}}]")
+    with pytest.raises(ValueError, match="'wd'.*not supported"):
+        pipeline.check_task(bad.cifar)
+    bad = build_preset("smoke")
+    apply_override(bad, "cifar.val_sweep=[{name: x, method: r2et, set: {lr: 1}}]")
+    with pytest.raises(ValueError, match="unknown keys \\['lr'\\]"):
+        pipeline.check_task(bad.cifar)
 
 
 def test_balanced_order_prefixes_are_balanced():
@@ -176,24 +269,3 @@ def test_balanced_order_prefixes_are_balanced():
     assert balanced_order(targets, 12) == order  # seeded
 
 
-def _fake_run(seed: int, pks: dict[str, float]) -> dict:
-    """A results JSON reduced to what the rerun comparison reads: ER/MSE P@k, accuracy, thickness."""
-    ev = {m: {"test_acc": 0.5, "er": {"p_at_k": {"mean": v, "se": 0.01}}, "mse": {"p_at_k": {"mean": v, "se": 0.01}},
-              "thickness": {"mean": 0.98}} for m, v in pks.items()}
-    return {"seed": seed, "hardware": {"threads": 2, "torch": "x"}, "json_path": f"run{seed}.json",
-            "tasks": {"cifar": {"eval": ev}}}
-
-
-def test_rerun_comparison_reports_the_ordering_run_by_run():
-    from benchmarks.reproduce.report import compare_section
-
-    this = _fake_run(0, {"vanilla": 0.30, "sp": 0.40, "est_h": 0.38, "wd": 0.31, "r2et": 0.45})
-    other = _fake_run(1, {"vanilla": 0.35, "sp": 0.47, "est_h": 0.40, "wd": 0.33, "r2et": 0.44})
-    other["_source"] = "moved/run1.json"
-    lines = compare_section(this, [other])
-    text = "\n".join(lines)
-    assert "seed 1, 2 torch thread(s), torch x, `moved/run1.json`" in text
-    assert "Largest difference over methods: test acc 0.000, ER P@k 0.070" in text
-    row = next(line for line in lines if line.startswith("| SP |") and "+" in line)
-    # R2ET - SP: +0.05 in this run, -0.03 in the other; mean +0.01, min -0.03, max +0.05
-    assert row == "| SP | +0.050 | -0.030 | +0.010 | -0.030 | +0.050 |"
