@@ -168,6 +168,23 @@ class Study:
             "seed": seed,
         }
 
+    def _fine_tune(self, task_name: str, task: TaskConfig, sets: dict, run: str, stage: str, kwargs: dict[str, Any],
+                   init_from: Path, *, weight_decay: float, epochs: int, record: dict[str, Any],
+                   seed: int | None = None, score_attack: bool = True) -> dict[str, Any]:
+        """One fine-tune stage from ``init_from`` on the task's fine-tuning images: fit, score on the
+        validation split (accuracy, and val P@k under the sweep's ERAttack when ``score_attack``),
+        add ``record`` and write the stage record."""
+        info = self._fit(task_name, task, run, kwargs, lr=task.finetune_lr, weight_decay=weight_decay, epochs=epochs,
+                         train_size=task.finetune_size or task.train_size, init_from=init_from, seed=seed)
+        info["sweep"] = sweep_metrics(
+            self.load_net(kwargs, self.ckpt_path(task_name, run)), sets["val_acc"],
+            sets["val_attack"] if score_attack else None, task.eval, task.k, task.pool,
+            kwargs["activation"] == "relu", task.sweep_attack_steps if score_attack else 0, self.device,
+        )
+        info.update(record)
+        write_json(self._stage_path(task_name, stage), info)
+        return info
+
     def load_net(self, kwargs: dict[str, Any], ckpt: str | Path) -> torch.nn.Module:
         net = RobustClassifier(**kwargs).model
         load_model_weights(net, ckpt)
@@ -234,7 +251,7 @@ class Study:
         ] + [m for m in task.methods if m in task.inherit]
         floor = None
         for method in order:
-            _, activation, param = METHOD_RECIPES[method]
+            _, _, param = METHOD_RECIPES[method]
             if method in task.grids:
                 grid, source = list(task.grids[method]), "sweep"
             elif method in task.inherit:
@@ -255,20 +272,11 @@ class Study:
                 info = self._cached(task_name, stage, ft_fp, ckpt)
                 if info is None:
                     log(f"-- fine-tune {run} ({task.finetune_epochs} epoch(s) on {task.finetune_size or task.train_size} images)")
-                    kwargs = self.model_kwargs(task, method, value)
-                    info = self._fit(
-                        task_name, task, run, kwargs, lr=task.finetune_lr,
-                        weight_decay=float(value) if param == "weight_decay" else 0.0,
-                        epochs=task.finetune_epochs, train_size=task.finetune_size or task.train_size,
-                        init_from=pre_ckpt,
+                    info = self._fine_tune(
+                        task_name, task, sets, run, stage, self.model_kwargs(task, method, value), pre_ckpt,
+                        weight_decay=float(value) if param == "weight_decay" else 0.0, epochs=task.finetune_epochs,
+                        record=dict(method=method, param=param, value=value, fingerprint=ft_fp),
                     )
-                    net = self.load_net(kwargs, ckpt)
-                    info["sweep"] = sweep_metrics(
-                        net, sets["val_acc"], sets["val_attack"],
-                        task.eval, task.k, task.pool, activation == "relu", task.sweep_attack_steps, self.device,
-                    )
-                    info.update(method=method, param=param, value=value, fingerprint=ft_fp)
-                    write_json(self._stage_path(task_name, stage), info)
                 sw = info["sweep"]
                 pk = sw.get("val_p_at_k", {}).get("mean")
                 log(f"   {run}: {info['train_seconds']:.0f} s, val acc {sw['val_acc']:.3f}" + ("" if pk is None else f", val P@k {pk:.3f}"))
@@ -291,24 +299,17 @@ class Study:
                 base = result["runs"][sel["run"]]
                 for seed in range(1, task.seeds):
                     run = f"{sel['run']}-seed{seed}"
-                    ckpt = self.ckpt_path(task_name, run)
                     stage = f"finetune/{run}"
                     ft_fp = chained("finetune", pre)
-                    info = self._cached(task_name, stage, ft_fp, ckpt)
+                    info = self._cached(task_name, stage, ft_fp, self.ckpt_path(task_name, run))
                     if info is None:
                         log(f"-- fine-tune {run} (training seed {self.seed + seed})")
-                        info = self._fit(
-                            task_name, task, run, base["model_kwargs"], lr=task.finetune_lr,
-                            weight_decay=base["weight_decay"], epochs=task.finetune_epochs,
-                            train_size=task.finetune_size or task.train_size, init_from=pre_ckpt,
-                            seed=self.seed + seed,
+                        info = self._fine_tune(
+                            task_name, task, sets, run, stage, base["model_kwargs"], pre_ckpt,
+                            weight_decay=base["weight_decay"], epochs=task.finetune_epochs, seed=self.seed + seed,
+                            score_attack=False,
+                            record=dict(method=method, param=base.get("param"), value=base.get("value"), fingerprint=ft_fp),
                         )
-                        info["sweep"] = sweep_metrics(
-                            self.load_net(info["model_kwargs"], ckpt), sets["val_acc"], None, task.eval, task.k,
-                            task.pool, info["model_kwargs"]["activation"] == "relu", 0, self.device,
-                        )
-                        info.update(method=method, param=base.get("param"), value=base.get("value"), fingerprint=ft_fp)
-                        write_json(self._stage_path(task_name, stage), info)
                     result["runs"][run] = info
                     runs[seed] = run
             result["seed_runs"][method] = {str(k): v for k, v in runs.items()}
@@ -353,20 +354,15 @@ class Study:
             kwargs = self.model_kwargs(task, method, value)
             kwargs.update(changes)
             run = f"valsweep-{name}"
-            ckpt = self.ckpt_path(task_name, run)
             stage = f"valsweep/{name}"
             ft_fp = _digest({"parent": chained("finetune", pre), "variant": variant, "resolved": [value, epochs]})
-            info = self._cached(task_name, stage, ft_fp, ckpt)
+            info = self._cached(task_name, stage, ft_fp, self.ckpt_path(task_name, run))
             if info is None:
                 log(f"-- validation sweep {name}: {method}, {param}={value}, {epochs} epoch(s), {changes}")
-                info = self._fit(task_name, task, run, kwargs, lr=task.finetune_lr, weight_decay=0.0, epochs=epochs,
-                                 train_size=task.finetune_size or task.train_size, init_from=pre_ckpt)
-                info["sweep"] = sweep_metrics(
-                    self.load_net(kwargs, ckpt), sets["val_acc"], sets["val_attack"], task.eval, task.k, task.pool,
-                    kwargs["activation"] == "relu", task.sweep_attack_steps, self.device,
+                info = self._fine_tune(
+                    task_name, task, sets, run, stage, kwargs, pre_ckpt, weight_decay=0.0, epochs=epochs,
+                    record=dict(method=method, param=param, value=value, variant=variant, fingerprint=ft_fp),
                 )
-                info.update(method=method, param=param, value=value, variant=variant, fingerprint=ft_fp)
-                write_json(self._stage_path(task_name, stage), info)
             sw = info["sweep"]
             pk = sw.get("val_p_at_k", {}).get("mean")
             log(f"   {name}: val acc {sw['val_acc']:.3f}" + ("" if pk is None else f", val P@k {pk:.3f}"))
