@@ -115,4 +115,7 @@ def test_bf16_autocast_is_as_accurate_as_pytorch_batchnorm():
     truth = flat_grad(exact, False)
     err_fast = ((flat_grad(fast, True) - truth).norm() / truth.norm()).item()
     err_ref = ((flat_grad(ref, True) - truth).norm() / truth.norm()).item()
-    assert err_fast < 0.03 and err_fast < 1.5 * err_ref + 1e-3  # (fast: fp32 math inside)
+    # PyTorch's own bf16 error depends on the CPU's bf16 kernels (0.115 here for both paths; under 0.03 on the machine where this bound was set):
+    # the claim is relative to it; err_ref > 0 shows autocast really ran in bf16
+    assert 0 < err_ref < 0.25, err_ref
+    assert err_fast < 1.5 * err_ref + 1e-3, (err_fast, err_ref)  # (fast: fp32 math inside)
