@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +30,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
+
+from explanations.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to ``<dir>/.<name>.tmp-*``, fsync, then ``os.replace`` onto ``<dir>/<name>``.
+    """Write checkpoints atomically (``explanations.files.atomic_write``: a temporary file, fsync, ``os.replace``).
 
     The rename is atomic on one file system, so the destination is either the previous complete
     file or the new complete file; on any error the temporary file is removed and the ``OSError``
@@ -90,28 +91,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, which it does "
                 "not support; remove them"
             )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            _unlink(tmp)
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        except BaseException:
-            _unlink(tmp)
-            raise
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def _plain(value: Any) -> Any:

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from explanations.evaluation import eps_tag
+from explanations.files import atomic_write
 from lightning_modules.classifier import RobustClassifier, load_model_weights
 
 from benchmarks.reproduce.data import build_datamodule, eval_sets
@@ -45,10 +45,7 @@ def run_name(method: str, param: str | None, value: float | None) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_json_safe(json.loads(json.dumps(data, default=float))), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(_json_safe(json.loads(json.dumps(data, default=float))), indent=2, allow_nan=False))
 
 
 class Study:
@@ -385,7 +382,7 @@ def comparisons(task: TaskConfig, result: dict[str, Any], reference: str = "r2et
     ``task.eval.eps``; every budget in ``by_eps``. Refuses records made on other images or with
     other protocol settings.
     """
-    from benchmarks.reproduce.stats import paired_bootstrap, seeds_agree
+    from explanations.statistics import paired_bootstrap, seeds_agree
 
     evals = result.get("seed_eval", {})
     if reference not in evals:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.reproduce.presets import METHOD_NAMES
-from benchmarks.reproduce.stats import rank_correlation
+from explanations.statistics import rank_correlation
 
 NOTES_DIR = Path(__file__).resolve().parent / "notes"
 WORST = "worst"

@@ -1,4 +1,4 @@
-"""Paired bootstrap statistics of the reproduction study (benchmarks/reproduce/stats.py)."""
+"""Paired bootstrap statistics (explanations/statistics.py): the study's comparisons and the report comparison."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.reproduce.stats import PairedDiff, paired_bootstrap, rank_correlation, seeds_agree
+from explanations.statistics import PairedDiff, paired_bootstrap, rank_correlation, seeds_agree
 
 
 def test_paired_bootstrap_resolves_a_small_consistent_gain_that_unpaired_bands_miss():
