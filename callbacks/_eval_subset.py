@@ -81,6 +81,10 @@ class EvalBatch:
     mask: Tensor | None
     ids: Tensor
 
+    def select(self, keep: Tensor) -> "EvalBatch":
+        """The items where ``keep`` (B,) bool is True."""
+        return EvalBatch(self.x[keep], self.y[keep], None if self.mask is None else self.mask[keep], self.ids[keep])
+
     def to(self, device, dtype: torch.dtype | None = None) -> "EvalBatch":
         x = self.x.to(device=device, dtype=dtype) if dtype is not None else self.x.to(device)
         mask = None if self.mask is None else self.mask.to(device)

@@ -12,11 +12,16 @@
   ``setup`` (before any epoch) and again when the evaluation runs.
 - Progress: a tqdm bar (rank zero, when the trainer shows a progress bar) and an INFO log line
   per evaluation.
+- Stop: SIGTERM (Lightning records it) is honoured between batches and attack passes
+  (:meth:`stop_requested`), so a ``validate`` with a long evaluation ends within seconds.
+- What was measured: :meth:`describe` (model and weights source with its sha256, data, split and
+  its provenance, the subset), stated in every report.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -26,6 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from callbacks._eval_subset import EvalSubset
+from explanations.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +166,58 @@ class EvaluationCallback(L.Callback):
         return self._subset
 
     @staticmethod
+    def stop_requested(trainer: L.Trainer) -> bool:
+        """Whether the process received SIGTERM (Lightning's signal connector records it)."""
+        return bool(getattr(trainer, "received_sigterm", False))
+
+    def describe(self, trainer: L.Trainer, pl_module: L.LightningModule, loop: str) -> dict[str, Any]:
+        """What this evaluation measures: ``{"model": {...}, "data": {...}}`` (see module docstring)."""
+        model = self.classifier(pl_module)
+        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+        backbone = hparams.get("backbone", type(model).__name__)
+        if isinstance(backbone, dict):
+            backbone = backbone.get("class_path", str(backbone))
+        described = {
+            "model": {"backbone": str(backbone), "parameters": sum(p.numel() for p in model.parameters()),
+                      "weights": weights_source(trainer, hparams)},
+        }
+        split = "test" if loop == "test" else "val"
+        dataset = self.dataset(trainer, loop)
+        datamodule = getattr(trainer, "datamodule", None)
+        data: dict[str, Any] = {"split": split, "split_size": len(dataset)}
+        if datamodule is not None:
+            dm_hparams = dict(getattr(datamodule, "hparams", {}) or {})
+            data["datamodule"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+            if dm_hparams.get("data_dir"):
+                data["data_dir"] = os.path.abspath(str(dm_hparams["data_dir"]))
+            describe = getattr(datamodule, "describe_split", None)
+            data["provenance"] = describe(split) if callable(describe) else "not stated by the DataModule"
+            held_out = getattr(datamodule, "held_out", None)
+            data["held_out"] = bool(held_out(split)) if callable(held_out) else None
+        else:
+            data.update(datamodule=None, provenance=f"the trainer's {split} dataloader (not stated)", held_out=None)
+        subset = self._subset
+        if subset is not None:
+            data["subset"] = (f"{int(subset.indices.numel())} of {len(dataset)} images, "
+                              f"{'class-balanced' if subset.balanced else 'first of a permutation'}, seed {self.seed}")
+        described["data"] = data
+        return described
+
+    @staticmethod
+    def gather_rows(trainer: L.Trainer, matrix: Tensor) -> Tensor:
+        """All ranks' rows (R_r, C) float64 on rank order (padded rows dropped): (sum R_r, C).
+
+        A row whose first entry is negative is padding (shards differ in size by at most one)."""
+        if trainer.world_size == 1:
+            return matrix
+        size = torch.tensor([float(matrix.shape[0])], dtype=torch.float64)
+        longest = int(trainer.strategy.reduce(size.to(trainer.strategy.root_device), reduce_op="max").item())
+        padded = torch.full((longest, matrix.shape[1]), -1.0, dtype=torch.float64)
+        padded[: matrix.shape[0]] = matrix
+        gathered = trainer.strategy.all_gather(padded.to(trainer.strategy.root_device)).cpu().reshape(-1, matrix.shape[1])
+        return gathered[gathered[:, 0] >= 0]
+
+    @staticmethod
     def reduce_sum(trainer: L.Trainer, vector: Tensor, device: torch.device | str) -> Tensor:
         """Sum of ``vector`` over all ranks (float64 on ``device`` for the collective), on the CPU."""
         if trainer.world_size == 1:
@@ -175,3 +233,23 @@ class EvaluationCallback(L.Callback):
         except ImportError:  # pragma: no cover - tqdm ships with lightning
             return None
         return tqdm(total=total, desc=desc or self.owner, leave=False, unit="img", dynamic_ncols=True)
+
+
+def weights_source(trainer: L.Trainer, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Where the evaluated weights come from: this run's training, ``--ckpt_path``, ``init_from``,
+    ``weights_file``, ``pretrained`` (timm hub) or a random initialisation; files with their sha256."""
+    def file(kind: str, path: Any) -> dict[str, Any]:
+        path = os.path.abspath(str(path))
+        return {"source": kind, "path": path, "sha256": file_sha256(path) if os.path.isfile(path) else None}
+
+    if trainer.state.fn == TrainerFn.FITTING:
+        return {"source": "trained in this run", "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+    if getattr(trainer, "ckpt_path", None):
+        return file("checkpoint", trainer.ckpt_path)
+    if hparams.get("init_from"):
+        return file("init_from", hparams["init_from"])
+    if hparams.get("weights_file"):
+        return file("weights_file", hparams["weights_file"])
+    if hparams.get("pretrained"):
+        return {"source": "pretrained", "name": f"timm hub weights of {hparams.get('backbone')}"}
+    return {"source": "random initialisation (no checkpoint, weights_file or pretrained weights)"}

@@ -60,7 +60,8 @@ from torch import Tensor, nn
 
 from callbacks._eval_subset import EvalSubset
 from callbacks.base import EvaluationCallback
-from explanations.evaluation import pse_target_uniform, uint8_image
+from explanations.evaluation import pse_target_uniform
+from explanations.plots import uint8_image
 from explanations.pse import (
     CATEGORIES,
     PSEBatch,

@@ -41,25 +41,38 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.base import EvaluationCallback
 from explanations.evaluation import (
     DEFAULT_EPS,
     WORST,
     EvaluationProtocol,
+    EvaluationResult,
+    EvaluationStopped,
     eps_label,
     means_from_sums,
-    saliency_grid,
-    summary,
-    sums_and_counts,
-    write_report,
+    moment_sums,
+    standard_errors,
 )
+from explanations.plots import saliency_grid
+from explanations.report import (
+    PER_IMAGE_FILE,
+    PerImageLog,
+    build_report,
+    result_from_rows,
+    rows_of,
+    save_report,
+)
+from lightning_modules.reliability import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +183,8 @@ class RankingRobustness(EvaluationCallback):
         if trainer.is_global_zero:
             for note in notes:
                 log.warning("RankingRobustness: %s", note)
+        if self.report and self.report_dir:  # an unwritable report folder fails now, not after the attacks
+            ensure_writable_dir(self.report_dir, "RankingRobustness report_dir")
 
     def settings(self) -> dict[str, Any]:
         """The evaluation settings (for run configs and reports)."""
@@ -177,37 +192,101 @@ class RankingRobustness(EvaluationCallback):
                     **self.protocol.settings())
 
     # ------------------------------------------------------------------ the evaluation
+    def _report_dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
+
+    def measured(self, trainer: L.Trainer, pl_module: L.LightningModule, loop: str, specs, seconds: float,
+                 resumed: int) -> dict[str, Any]:
+        """The report's ``measured`` block: :meth:`describe` plus the protocol as run and the time."""
+        protocol = self.protocol
+        out = self.describe(trainer, pl_module, loop)
+        restarts = {}
+        for spec in specs:
+            if spec.attack != "noise":
+                restarts[spec.name] = int({**protocol.attack_kwargs, **spec.kwargs}.get("restarts", 1))
+        out["protocol"] = {"k": protocol.k_count, "features": protocol.num_features, "steps": protocol.steps,
+                           "restarts": restarts, "seed": protocol.seed, "eps": [eps_label(e) for e in protocol.eps]}
+        out["time"] = {"seconds": round(seconds, 2), "resumed_images": resumed}
+        return out
+
+    def _per_image_log(self, trainer: L.Trainer, pl_module: L.LightningModule, loop: str, subset, keys):
+        """The per-image record of this rank (``report: true`` only) and the rows it resumes from."""
+        folder = self._report_dir(trainer)
+        described = self.describe(trainer, pl_module, loop)
+        data = {k: v for k, v in described["data"].items() if k != "data_dir"}
+        ids = subset.indices.tolist()
+        model = dict(described["model"], weights={k: v for k, v in described["model"]["weights"].items() if k != "path"})
+        fingerprint = {"protocol": self.protocol.settings(), "model": model, "data": data, "images": ids}
+        record = PerImageLog(folder / f"{Path(PER_IMAGE_FILE).stem}.part-{trainer.global_rank}.jsonl", fingerprint, keys)
+        resumable = trainer.state.fn != TrainerFn.FITTING  # a fit's model changes between evaluations
+        earlier = []
+        if resumable:
+            complete = folder / PER_IMAGE_FILE
+            earlier = ([complete] if complete.is_file() else []) + sorted(folder.glob(f"{Path(PER_IMAGE_FILE).stem}.part-*.jsonl"))
+        done = record.start(earlier, set(subset.shard.tolist()))
+        return record, done
+
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, loop: str) -> None:
         model = self.classifier(pl_module)
         subset = self.eval_subset(trainer, loop)
         protocol = self.protocol
+        start = time.perf_counter()
         batches = list(subset)
-        if batches:
-            specs, notes = protocol.prepare(model, batches[0].x[:1].to(pl_module.device))
-        else:  # an empty shard still takes part in the reduction
-            specs, notes = protocol.prepare(model, subset.dataset[0][0].unsqueeze(0).to(pl_module.device))
+        example = batches[0].x[:1] if batches else subset.dataset[0][0].unsqueeze(0)  # an empty shard still reduces
+        specs, notes = protocol.prepare(model, example.to(pl_module.device))
         keys = protocol.keys(specs, subset.has_mask)
+        record, done = self._per_image_log(trainer, pl_module, loop, subset, keys) if self.report else (None, {})
+        if done:
+            batches = [b.select(~torch.isin(b.ids, torch.tensor(sorted(done), dtype=torch.long))) for b in batches]
+            batches = [b for b in batches if b.ids.numel()]
+            log.warning("RankingRobustness: %d of %d images of this evaluation were done already (%s): resuming",
+                        len(done), len(subset), record.path.parent)
         bar = self.progress(trainer, len(subset), f"RankingRobustness ({loop})")
+        if bar is not None:
+            bar.update(len(done))
         keep = self.num_images if (trainer.is_global_zero and (self.log_images or self.report)) else 0
-        result = None
+        parts: list[EvaluationResult] = []
         try:
             if batches:
-                result = protocol.evaluate(
+                new = protocol.evaluate(
                     model, batches, pl_module.device, keep_images=keep,
-                    progress=None if bar is None else (lambda i, done: bar.update(done - bar.n)),
+                    progress=None if bar is None else (lambda i, n: bar.update(len(done) + n - bar.n)),
+                    should_stop=lambda: self.stop_requested(trainer),
+                    on_batch=None if record is None else record.append,
                 )
+                parts.append(new)
+        except (EvaluationStopped, KeyboardInterrupt) as exc:
+            kept = (f"; the finished batches are kept in {record.path}: rerun the same command with "
+                    f"--trainer.callbacks.report_dir {record.path.parent} to resume") if record is not None else ""
+            message = f"RankingRobustness: evaluation stopped ({'SIGINT' if isinstance(exc, KeyboardInterrupt) else 'SIGTERM'}){kept}"
+            if isinstance(exc, KeyboardInterrupt):
+                log.warning(message)
+                raise
+            raise SIGTERMException(f"error: {message}") from None
         finally:
             if bar is not None:
                 bar.close()
-        total, count = sums_and_counts(result.values if result is not None else {}, keys)
-        reduced = self.reduce_sum(trainer, torch.cat([total, count]), pl_module.device)
-        means = means_from_sums(keys, reduced[: len(keys)], reduced[len(keys):])
-        num_images = int(round(float(reduced[len(keys) + keys.index("accuracy")])))
+        if done:
+            parts.insert(0, result_from_rows(done, keys))
+        result = EvaluationResult.cat(parts) if parts else None
+        if result is not None and parts[-1].images:
+            result.images = parts[-1].images
+        total, count, squares = moment_sums(result.values if result is not None else {}, keys)
+        reduced = self.reduce_sum(trainer, torch.cat([total, count, squares]), pl_module.device)
+        n = len(keys)
+        means = means_from_sums(keys, reduced[:n], reduced[n : 2 * n])
+        errors = standard_errors(keys, reduced[:n], reduced[n : 2 * n], reduced[2 * n :])
+        num_images = int(round(float(reduced[n + keys.index("accuracy")])))
         for name, value in means.items():
             pl_module.log(PREFIX + name, value, on_step=False, on_epoch=True, sync_dist=False)
-        self.last_values = {PREFIX + n: v for n, v in means.items()}
+        self.last_values = {PREFIX + name: v for name, v in means.items()}
         self.evaluated_epochs.append(trainer.current_epoch)
-        report = summary(protocol, means, num_images, notes)
+        rows = None
+        if record is not None:  # every rank takes part in the gather
+            mine = rows_of(result, keys) if result is not None else {}
+            rows = self._gather_per_image(trainer, mine, len(keys))
+        measured = self.measured(trainer, pl_module, loop, specs, time.perf_counter() - start, len(done))
+        report = build_report(protocol, means, num_images, notes, se=errors, measured=measured)
         report.update(stage=loop, epoch=trainer.current_epoch, global_step=trainer.global_step)
         self.last_report = report
         if not trainer.is_global_zero:
@@ -215,10 +294,26 @@ class RankingRobustness(EvaluationCallback):
         self.history.append({"epoch": trainer.current_epoch, "p_at_k": report["methods"]})
         images = result.images if result is not None else {}
         if self.report:
-            out = Path(self.report_dir or trainer.log_dir or trainer.default_root_dir)
-            self.last_report_paths = write_report(report, out, images)
+            out = self._report_dir(trainer)
+            record.write_complete(out / PER_IMAGE_FILE, rows)
+            for part in out.glob(f"{Path(PER_IMAGE_FILE).stem}.part-*.jsonl"):
+                part.unlink(missing_ok=True)
+            class_names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+            self.last_report_paths = save_report(report, out, images, class_names, log=log.error)
+            self.last_report_paths.append(out / PER_IMAGE_FILE)
             log.warning("RankingRobustness: wrote %s", ", ".join(str(p) for p in self.last_report_paths))
         self._log_wandb(trainer, report, images if self.log_images else {})
+
+    def _gather_per_image(self, trainer: L.Trainer, rows: dict, width: int) -> dict:
+        """Every rank's per-image rows on every rank: {id: (label, values)}."""
+        if trainer.world_size == 1:
+            return rows
+        nan = float("nan")
+        matrix = torch.tensor([[float(i), float(-1 if lab is None else lab), *[nan if v is None else v for v in vals]]
+                               for i, (lab, vals) in sorted(rows.items())], dtype=torch.float64).reshape(-1, width + 2)
+        gathered = self.gather_rows(trainer, matrix)
+        return {int(r[0]): (None if r[1] < 0 else int(r[1]), [None if math.isnan(v) else v for v in r[2:].tolist()])
+                for r in gathered}
 
     # ------------------------------------------------------------------ W&B
     def _log_wandb(self, trainer: L.Trainer, report: dict[str, Any], images: dict[str, dict[str, Any]]) -> None:

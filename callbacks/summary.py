@@ -1,7 +1,9 @@
 """FinalSummary: the run's final numbers in sections a person reads in ten seconds.
 
-Sections: Accuracy, Regularizer terms (the loss and what each weighted term adds), Robustness,
-PSE, then where the logs, the W&B run and the checkpoints are. A NaN is explained on its line
+Sections: What was measured (model, weights and their hash, data, split; from the evaluation
+callback's report), Accuracy, Regularizer terms (the loss and what each weighted term adds),
+Robustness, PSE, then where the logs, the W&B run and the checkpoints (or, for validate/test, the
+evaluated checkpoint and the report) are. A NaN is explained on its line
 (what had no sample to average), a share is printed beside the count it was computed from.
 """
 
@@ -98,13 +100,25 @@ class FinalSummary(L.Callback):
             kind = type(logger).__name__
             run = getattr(logger, "_experiment", None)
             if run is not None and hasattr(run, "id") and hasattr(run, "dir"):
-                url = getattr(run, "url", None)
+                mode = getattr(getattr(run, "settings", None), "mode", None)
                 folder = os.path.dirname(str(run.dir)) if run.dir else ""
+                if mode == "disabled" or not (folder and os.path.isdir(folder)):
+                    rows.append(("W&B run", "none (W&B disabled: WANDB_MODE=disabled)" if mode == "disabled"
+                                 else f"{run.id}: no local run folder"))
+                    continue
+                url = getattr(run, "url", None)
                 rows.append(("W&B run", f"{run.id}  {url or ''}  {folder}".strip()))
                 continue
             log_dir = getattr(logger, "log_dir", None)
             if log_dir:
                 rows.append((f"{kind} logs", str(log_dir)))
+        if trainer.state.fn in ("validate", "test"):  # nothing is written: say what was evaluated
+            ckpt = getattr(trainer, "ckpt_path", None)
+            rows.append(("evaluated checkpoint", str(ckpt) if ckpt else "none (see What was measured)"))
+            for callback in trainer.callbacks:
+                for path in getattr(callback, "last_report_paths", [])[:1]:
+                    rows.append(("robustness report", str(path.parent)))
+            return rows
         for callback in trainer.checkpoint_callbacks:
             for label, path in (("best checkpoint", getattr(callback, "best_model_path", "")),
                                 ("last checkpoint", getattr(callback, "last_model_path", ""))):
@@ -115,16 +129,30 @@ class FinalSummary(L.Callback):
                 rows.append(("checkpoints", str(dirpath)))  # a folder that exists (validate writes none)
         return rows
 
+    @staticmethod
+    def measured(trainer: L.Trainer) -> list[str]:
+        """'What was measured' lines of the evaluation callbacks' last report (model, weights, data, split)."""
+        from explanations.report import measured_lines
+
+        for callback in trainer.callbacks:
+            report = getattr(callback, "last_report", None)
+            if isinstance(report, dict) and report.get("measured"):
+                return [line.removeprefix("- ") for line in measured_lines(report["measured"])]
+        return []
+
     def render(self, trainer: L.Trainer, stage: str) -> str:
         """The summary text (what is printed)."""
         values = self.summary(trainer)
         blocks = self.sections(values)
         places = self.locations(trainer)
+        measured = self.measured(trainer)
         if not blocks and not places:
             return ""
         names = [n for _, rows in blocks for n, _ in rows] + [w for w, _ in places]
         width = max(len(n) for n in names)
         lines = [f"Final summary ({stage}, epoch {trainer.current_epoch}, step {trainer.global_step})"]
+        if measured:
+            lines += ["", "-- What was measured"] + [f"  {line}" for line in measured]
         for title, rows in blocks:
             note = ("  (loss = ce + reg; reg = sum of weighted_<term> = lambda_<term> * <term>)"
                     if title == "Regularizer terms" and any(n.endswith("/reg") for n, _ in rows) else "")

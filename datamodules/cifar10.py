@@ -173,5 +173,20 @@ class CIFAR10DataModule(DataLoaderMixin, L.LightningDataModule):
         self.val_dataset = val_ds if val_ds is not None else test_ds
         self.train_dataset = train_ds
 
+    def describe_split(self, split: str) -> str:
+        """Where a split's images come from (stated in evaluation reports; ``held_out`` below)."""
+        hp = self.hparams
+        files = "torchvision's files" if getattr(self, "layout", None) == "official" else "image folders"
+        if split == "train":
+            return f"CIFAR-10 train split ({files}) minus the validation images: training data"
+        if split == "val" and hp.val_fraction > 0:
+            return (f"{hp.val_fraction:g} of the CIFAR-10 train split ({files}; seeded, class-balanced, seed "
+                    f"{hp.seed}): images a model trained on CIFAR-10's train split (e.g. published weights) has seen")
+        return f"the CIFAR-10 test split ({files}): held out from CIFAR-10 training"
+
+    def held_out(self, split: str) -> bool:
+        """Whether a split is CIFAR-10's test split, which no model trained on CIFAR-10's train split saw."""
+        return split == "test" or (split == "val" and self.hparams.val_fraction == 0)
+
     def _collate_fn(self):
         return SkipNoneCollate((3, 32, 32))

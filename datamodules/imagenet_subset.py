@@ -206,5 +206,22 @@ class ImageNetSubsetDataModule(DataLoaderMixin, L.LightningDataModule):
         self.val_dataset = val_ds
         self.test_dataset = test_ds
 
+    def describe_split(self, split: str) -> str:
+        """Where a split's images come from (stated in evaluation reports)."""
+        hp = self.hparams
+        root = hp.data_dir
+        if split == "train":
+            return f"{root}/train minus the validation images: training data"
+        if split == "val" and hp.val_fraction > 0:
+            return (f"{hp.val_fraction:g} of {root}/train (seeded, class-balanced, seed {hp.seed}): images a model "
+                    "pretrained on this dataset's train split (e.g. ImageNet weights) has seen")
+        folder = "test" if split == "test" and os.path.isdir(self._split_dir("test")) else "val"
+        return (f"{root}/{folder}: held out from this dataset's train split (a model pretrained on all of ImageNet "
+                "may still have seen them: check where the subset drew its images)")
+
+    def held_out(self, split: str) -> bool:
+        """Whether a split comes from its own folder (val/ or test/), not from train/."""
+        return split == "test" or (split == "val" and self.hparams.val_fraction == 0)
+
     def _collate_fn(self):
         return SkipNoneCollate((3, self.image_size, self.image_size))

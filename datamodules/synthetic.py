@@ -178,6 +178,17 @@ class SyntheticDataModule(DataLoaderMixin, L.LightningDataModule):
     def prepare_data(self) -> None:  # nothing to download
         pass
 
+    def describe_split(self, split: str) -> str:
+        """Where a split's images come from (stated in evaluation reports)."""
+        hp = self.hparams
+        size = {"train": hp.train_size, "val": hp.val_size, "test": hp.test_size}.get(split, "?")
+        return (f"synthetic glyphs ({size} images generated from seed {hp.seed}, stream {split}; not real images, "
+                "only models trained on this data mean anything on it)")
+
+    def held_out(self, split: str) -> bool:
+        """Val and test are generated from their own seeds, disjoint from the training images."""
+        return split in ("val", "test")
+
     def _make(self, size: int, stream: int) -> SyntheticPatternDataset:
         hp = self.hparams
         return SyntheticPatternDataset(

@@ -27,17 +27,16 @@ thickness end points, and the PSE target draws (:func:`pse_target_uniform`), so 
 shards and the three callers agree sample for sample.
 
 Values are per image (``EvaluationResult.values``: flat keys like ``p_at_k/worst/gradient/eps_8``,
-tensors (N,)); :func:`summary` turns their means into the JSON report.
+tensors (N,)); :func:`explanations.report.build_report` turns their means into the JSON report
+(:mod:`explanations.plots` draws it).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,6 +148,7 @@ class EvaluationResult:
     notes: list[str] = field(default_factory=list)
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per attack (all eps, methods)
+    labels: Tensor | None = None  # (N,) the images' labels
 
     @property
     def num_images(self) -> int:
@@ -156,8 +156,11 @@ class EvaluationResult:
 
     def means(self) -> dict[str, float]:
         """Mean of every key over the images (NaNs, e.g. undefined correlations, left out)."""
-        total, count = sums_and_counts(self.values)
-        return means_from_sums(sorted(self.values), total, count)
+        return means_from_sums(sorted(self.values), *moment_sums(self.values)[:2])
+
+    def standard_errors(self) -> dict[str, float]:
+        """Standard error of each mean, sd / sqrt(n) (NaN with fewer than 2 values)."""
+        return standard_errors(sorted(self.values), *moment_sums(self.values))
 
     @staticmethod
     def cat(parts: Sequence["EvaluationResult"]) -> "EvaluationResult":
@@ -173,27 +176,47 @@ class EvaluationResult:
                 images.setdefault(method, item)
             for name, sec in p.seconds.items():
                 seconds[name] = seconds.get(name, 0.0) + sec
-        return EvaluationResult(values, torch.cat([p.ids for p in parts]), list(parts[0].notes), images, seconds)
+        labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])
+        return EvaluationResult(values, torch.cat([p.ids for p in parts]), list(parts[0].notes), images, seconds,
+                                labels)
 
 
-def sums_and_counts(values: dict[str, Tensor], keys: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
-    """float64 sums and counts of the non-NaN values of each key (``keys``, default the sorted keys
-    of ``values``; a missing key counts nothing): (K,), (K,)."""
+def moment_sums(values: dict[str, Tensor], keys: Sequence[str] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 sums, counts and sums of squares of the non-NaN values of each key (``keys``,
+    default the sorted keys of ``values``; a missing key counts nothing): three (K,) tensors,
+    summable over batches and DDP ranks."""
     keys = sorted(values) if keys is None else list(keys)
     total = torch.zeros(len(keys), dtype=torch.float64)
     count = torch.zeros(len(keys), dtype=torch.float64)
+    squares = torch.zeros(len(keys), dtype=torch.float64)
     for i, key in enumerate(keys):
         if key not in values:
             continue
         v = values[key].detach().double().flatten().cpu()
-        ok = ~torch.isnan(v)
-        total[i], count[i] = v[ok].sum(), ok.sum()
-    return total, count
+        v = v[~torch.isnan(v)]
+        total[i], count[i], squares[i] = v.sum(), v.numel(), v.square().sum()
+    return total, count, squares
 
 
 def means_from_sums(keys: Sequence[str], total: Tensor, count: Tensor) -> dict[str, float]:
     """{key: sum / count} (NaN where nothing was counted), e.g. after a DDP sum-reduction."""
     return {k: (float(t / c) if c > 0 else float("nan")) for k, t, c in zip(keys, total.tolist(), count.tolist())}
+
+
+def standard_errors(keys: Sequence[str], total: Tensor, count: Tensor, squares: Tensor) -> dict[str, float]:
+    """{key: s / sqrt(n)} with the sample variance s^2 = (sum x^2 - n mean^2) / (n - 1); NaN for n < 2."""
+    out = {}
+    for k, t, c, q in zip(keys, total.tolist(), count.tolist(), squares.tolist()):
+        if c < 2:
+            out[k] = float("nan")
+            continue
+        var = max(q - t * t / c, 0.0) / (c - 1)
+        out[k] = math.sqrt(var / c)
+    return out
+
+
+class EvaluationStopped(Exception):
+    """A stop request (e.g. SIGTERM) ended an evaluation between two attack passes."""
 
 
 class EvaluationProtocol:
@@ -220,7 +243,7 @@ class EvaluationProtocol:
     Examples:
         >>> protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], k=10, steps=5)
         >>> result = protocol.evaluate(model, [(x, y, ids)])          # doctest: +SKIP
-        >>> summary(protocol, result.means(), result.num_images)      # doctest: +SKIP
+        >>> build_report(protocol, result.means(), result.num_images)  # doctest: +SKIP
     """
 
     def __init__(
@@ -280,6 +303,7 @@ class EvaluationProtocol:
         self.thickness_eps = float(thickness_eps) if thickness_eps is not None else max(self.eps)
         self._prepared: tuple[int, list[AttackSpec], list[str]] | None = None
         self.k_count: int | None = None  # k as a count, once checked against the data
+        self.num_features: int | None = None  # saliency features n, idem
 
     # ------------------------------------------------------------------ settings
     @property
@@ -302,7 +326,7 @@ class EvaluationProtocol:
         if self.pool is not None and (height % self.pool or width % self.pool):
             raise ValueError(f"pool={self.pool} does not divide the {height}x{width} images")
         n = num_features(height, width, self.pool)
-        self.k_count = resolve_k(self.k, n)
+        self.k_count, self.num_features = resolve_k(self.k, n), n
         return self.k_count
 
     def prepare(self, model: nn.Module, example: Tensor) -> tuple[list[AttackSpec], list[str]]:
@@ -361,10 +385,13 @@ class EvaluationProtocol:
     # ------------------------------------------------------------------ the evaluation
     def evaluate_batch(
         self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, mask: Tensor | None = None,
-        keep_images: int = 0,
+        keep_images: int = 0, should_stop: Callable[[], bool] | None = None,
     ) -> EvaluationResult:
         """Per-image values of one batch: x (B, C, H, W) in [0, 1], y (B,), ids (B,) dataset
-        indices, mask (B, H, W) or None. The model runs in eval mode (restored)."""
+        indices, mask (B, H, W) or None. The model runs in eval mode (restored).
+
+        ``should_stop()`` is asked before every attack pass; True raises :class:`EvaluationStopped`.
+        """
         specs, notes = self.prepare(model, x)
         x, ids = x.detach(), ids.to(x.device)
         values: dict[str, Tensor] = {}
@@ -394,6 +421,8 @@ class EvaluationProtocol:
                 for eps in self.eps:
                     tag = eps_tag(eps)
                     for spec in specs:
+                        if should_stop is not None and should_stop():
+                            raise EvaluationStopped(f"stopped during the attack {spec.name!r} at eps {eps_label(eps)}")
                         start = time.perf_counter()
                         x_adv = self._build(spec, model, method, eps)(x, y, ids=ids).detach()
                         adv = explain_with_logits(model, x_adv, y, method, self.target, self.pool, classes=classes, **mkw)
@@ -428,14 +457,19 @@ class EvaluationProtocol:
                 if keep and worst_img is not None:
                     images[method] = dict(x=x[:keep].cpu(), s=s0[:keep].cpu(), x_adv=worst_img["x_adv"].cpu(),
                                           s_adv=worst_img["s_adv"].cpu(), source=worst_img["source"],
-                                          ids=ids[:keep].cpu(), eps=self.eps[-1])
+                                          ids=ids[:keep].cpu(), eps=self.eps[-1], label=y[:keep].cpu(),
+                                          pred=pred0[:keep].cpu(), p_at_k=worst["p_at_k"][:keep].cpu())
         values = {k: v.detach().float().cpu() for k, v in values.items()}
-        return EvaluationResult(values, ids.detach().cpu(), list(notes), images, seconds)
+        return EvaluationResult(values, ids.detach().cpu(), list(notes), images, seconds, y.detach().cpu())
 
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None,
-                 keep_images: int = 0, progress=None) -> EvaluationResult:
+                 keep_images: int = 0, progress=None, should_stop: Callable[[], bool] | None = None,
+                 on_batch: Callable[[EvaluationResult], None] | None = None) -> EvaluationResult:
         """Evaluate every batch: items ``(x, y, ids)``, ``(x, y, ids, mask)`` or objects with
-        ``x, y, ids, mask`` attributes. ``progress(i, n_images_done)`` is called after each batch."""
+        ``x, y, ids, mask`` attributes. ``progress(i, n_images_done)`` is called after each batch,
+        ``on_batch(result)`` with each batch's result as soon as it is done (e.g. to write it:
+        an interrupted evaluation keeps every finished batch), ``should_stop`` as in
+        :meth:`evaluate_batch`."""
         parts, done = [], 0
         params = next(iter(model.parameters()), None)
         dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
@@ -448,7 +482,9 @@ class EvaluationProtocol:
                 x, y, ids = x.to(device), y.to(device), ids.to(device)
                 mask = None if mask is None else mask.to(device)
             x = x.to(dtype)
-            parts.append(self.evaluate_batch(model, x, y, ids, mask, keep_images if i == 0 else 0))
+            parts.append(self.evaluate_batch(model, x, y, ids, mask, keep_images if i == 0 else 0, should_stop))
+            if on_batch is not None:
+                on_batch(parts[-1])
             done += int(x.shape[0])
             if progress is not None:
                 progress(i, done)
@@ -459,183 +495,3 @@ def iter_batches(x: Tensor, y: Tensor, ids: Tensor, batch_size: int, mask: Tenso
     """(x, y, ids, mask) chunks of fixed tensors, e.g. a study's evaluation images."""
     for i in range(0, x.shape[0], max(1, int(batch_size))):
         yield x[i : i + batch_size], y[i : i + batch_size], ids[i : i + batch_size], (None if mask is None else mask[i : i + batch_size])
-
-
-# ------------------------------------------------------------------ the report
-
-
-def summary(protocol: EvaluationProtocol, means: dict[str, float], num_images: int,
-            notes: Sequence[str] = (), method: str | None = None) -> dict[str, Any]:
-    """The JSON report from the means of an evaluation (``EvaluationResult.means()`` or reduced).
-
-    ``{"num_images", "k", "accuracy", "p_at_k": {"worst"|"noise"|<attack>: {"8/255": P@k}},
-    "spearman", "kendall", "flip_rate", "localization" (same layout), "thickness": {"all_pairs",
-    "boundary"}, "methods": {<method>: the same blocks}, "attacks", "settings", "notes"}``; the
-    top-level blocks are those of ``method`` (default: the first method).
-    """
-    def clean(v: float) -> float | None:
-        return None if v is None or not math.isfinite(v) else float(v)
-
-    sources = sorted({key.split("/")[1] for key in means if key.startswith("p_at_k/")},
-                     key=lambda s: (s != WORST, s == NOISE, protocol.names.index(s) if s in protocol.names else 99, s))
-
-    def block(m: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for metric, name in (("p_at_k", "p_at_k"), ("spearman", "spearman"), ("kendall", "kendall"),
-                             ("flip_rate", "flip_rate"), ("localization", "localization")):
-            table = {src: {eps_label(e): clean(means[f"{metric}/{src}/{m}/{eps_tag(e)}"]) for e in protocol.eps}
-                     for src in sources if f"{metric}/{src}/{m}/{eps_tag(protocol.eps[0])}" in means}
-            if table:
-                out[name] = table
-        thick = {p: clean(means[f"thickness/{p}/{m}"]) for p in THICKNESS_PAIRS if f"thickness/{p}/{m}" in means}
-        if thick:
-            out["thickness"] = {p: thick.get(p) for p in THICKNESS_PAIRS}
-        if f"localization/clean/{m}" in means:
-            out["localization_clean"] = clean(means[f"localization/clean/{m}"])
-        return out
-
-    first = method or protocol.methods[0]
-    report: dict[str, Any] = {
-        "num_images": int(num_images),
-        "k": protocol.k_count if protocol.k_count is not None else protocol.k,
-        "accuracy": clean(means.get("accuracy", float("nan"))),
-        **block(first),
-        "method": first,
-        "methods": {m: block(m) for m in protocol.methods},
-        "attacks": [s for s in sources if s != WORST],
-        "eps": [eps_label(e) for e in protocol.eps],
-        "settings": protocol.settings(),
-        "notes": list(notes),
-    }
-    return report
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """A short Markdown rendering of :func:`summary`'s report."""
-    eps = report["eps"]
-    lines = [
-        "# Explanation robustness report", "",
-        f"{report['num_images']} images, k = {report['k']}, clean accuracy {report['accuracy']:.3f}, "
-        f"method {report['method']}.", "",
-        "P@k (share of the clean top-k still in the top-k; lower = more fragile). `worst` is the per-image "
-        "worst case over the ensemble and over all smaller budgets.", "",
-        "| attack | " + " | ".join(eps) + " |", "|---|" + "---|" * len(eps),
-    ]
-    for src, row in report["p_at_k"].items():
-        lines.append(f"| {src} | " + " | ".join("n/a" if row[e] is None else f"{row[e]:.3f}" for e in eps) + " |")
-    if "thickness" in report:
-        lines += ["", "Top-k thickness (1 = the top-k ranking never changes in the ball): "
-                  + ", ".join(f"{p} {('n/a' if v is None else f'{v:.4f}')}" for p, v in report["thickness"].items())
-                  + ". Read `boundary` (top-k vs the next k, the pairs ERAttack and R2ET's gap work on); "
-                  "`all_pairs` is dominated by easy pairs."]
-    if report.get("notes"):
-        lines += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def _heat(s: Tensor, size: tuple[int, int]) -> Tensor:
-    """Saliency (N, n) -> heat maps (N, H, W) in [0, 1], each scaled by its max (nearest upsampling)."""
-    h, w = size
-    side_h = int(round((s.shape[1] * h / w) ** 0.5))
-    side_w = s.shape[1] // max(side_h, 1)
-    maps = s.reshape(-1, 1, side_h, side_w).float()
-    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    if (side_h, side_w) != (h, w):
-        maps = torch.nn.functional.interpolate(maps, size=(h, w), mode="nearest")
-    return maps[:, 0]
-
-
-def uint8_image(x: Tensor, min_side: int = 0):
-    """An image (C, H, W) in [0, 1] as a uint8 numpy array (H, W, 3) in its real colours (grey
-    images repeated), nearest-upsampled to at least ``min_side`` pixels: W&B writes uint8 as is
-    (a float array would be written unscaled, i.e. black)."""
-    x = x.detach().float().cpu()
-    if x.shape[0] == 1:
-        x = x.expand(3, -1, -1)
-    scale = max(1, -(-min_side // max(x.shape[-2:]))) if min_side else 1
-    if scale > 1:
-        x = torch.nn.functional.interpolate(x[None], scale_factor=scale, mode="nearest")[0]
-    return (x[:3].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def saliency_grid(item: dict[str, Any], min_side: int = 64) -> Tensor:
-    """uint8 image grid (3, H', W') in real colours: per row clean image | clean saliency |
-    attacked image | attacked saliency (saliency as grey heat maps). ``item``: from
-    ``EvaluationResult.images``."""
-    from torchvision.utils import make_grid
-
-    x, x_adv = item["x"].float(), item["x_adv"].float()
-    size = tuple(x.shape[-2:])
-    if x.shape[1] == 1:
-        x, x_adv = x.expand(-1, 3, -1, -1), x_adv.expand(-1, 3, -1, -1)
-    heat = lambda s: _heat(s, size).unsqueeze(1).expand(-1, 3, -1, -1)  # noqa: E731
-    tiles = torch.stack([x[:, :3], heat(item["s"]), x_adv[:, :3], heat(item["s_adv"])], 1).flatten(0, 1)
-    scale = max(1, min_side // max(size))
-    if scale > 1:
-        tiles = torch.nn.functional.interpolate(tiles, scale_factor=scale, mode="nearest")
-    grid = make_grid(tiles.clamp(0, 1), nrow=4, padding=2, pad_value=1.0)
-    return (grid * 255).round().to(torch.uint8)
-
-
-def plot_report(report: dict[str, Any], out_dir: str | Path, images: dict[str, dict[str, Any]] | None = None) -> list[Path]:
-    """PNG plots: ``p_at_k_vs_eps.png`` (worst case, each attack, noise), ``thickness.png`` and
-    ``saliency_<method>.png`` (clean vs worst-case attacked saliency). Returns the paths."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    eps_labels = report["eps"]
-    xs = [float(e.split("/")[0]) for e in eps_labels]
-    fig = Figure(figsize=(5, 3.6))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for src, row in report["p_at_k"].items():
-        ys = [float("nan") if row[e] is None else row[e] for e in eps_labels]
-        style = dict(lw=2.5, color="black") if src == WORST else dict(ls="--", color="grey") if src == NOISE else {}
-        ax.plot(xs, ys, marker="o", label=src, **style)
-    ax.set_xlabel("eps (x / 255, l_inf)")
-    ax.set_ylabel(f"P@{report['k']}")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"P@k vs eps ({report['method']}, {report['num_images']} images)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "p_at_k_vs_eps.png")
-    fig.savefig(paths[-1], dpi=100)
-    if report.get("thickness"):
-        fig = Figure(figsize=(4, 3))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        names = list(report["thickness"])
-        vals = [report["thickness"][n] or 0.0 for n in names]
-        ax.bar(names, vals, color=["tab:blue", "tab:orange"][: len(names)])
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
-        ax.set_ylim(min(vals + [1.0]) - 0.05, 1.0)
-        ax.set_title(f"top-k thickness at eps {report['settings']['thickness_eps']}")
-        fig.tight_layout()
-        paths.append(out / "thickness.png")
-        fig.savefig(paths[-1], dpi=100)
-    for method, item in (images or {}).items():
-        grid = saliency_grid(item)
-        fig = Figure(figsize=(6, 1.5 * len(item["source"]) + 0.6))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        ax.imshow(grid.permute(1, 2, 0).numpy())
-        ax.set_axis_off()
-        ax.set_title(f"{method}: clean | clean saliency | worst attack at {eps_label(item['eps'])} | its saliency\n"
-                     f"attacks: {', '.join(item['source'])}", fontsize=8)
-        fig.tight_layout()
-        paths.append(out / f"saliency_{method}.png")
-        fig.savefig(paths[-1], dpi=100)
-    return paths
-
-
-def write_report(report: dict[str, Any], out_dir: str | Path, images: dict[str, dict[str, Any]] | None = None) -> list[Path]:
-    """Write ``robustness_report.json``, ``robustness_report.md`` and the PNG plots into out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness_report.json").write_text(json.dumps(report, indent=2))
-    (out / "robustness_report.md").write_text(markdown(report))
-    return [out / "robustness_report.json", out / "robustness_report.md", *plot_report(report, out, images)]

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -298,7 +299,10 @@ class RobustClassifier(L.LightningModule):
         x, y = batch[0], batch[1]
         if x.shape[0] == 0:
             return
-        if self.objective.double_backprop and not torch.is_inference_mode_enabled():
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and self.objective.double_backprop and not torch.is_inference_mode_enabled():
+            # the regularizer's terms on validation data; a standalone validate/test evaluates the
+            # model, not its training objective: CE and accuracy only
             with torch.enable_grad():
                 out = self.objective(self.model, x, y)
             logits, terms = out.logits.detach(), out.terms

@@ -16,6 +16,7 @@ import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_modules.checkpoints import (
     RUNTIME_KEYS,
@@ -95,6 +96,16 @@ class RobustCLI(LightningCLI):
             help="With --ckpt_path FILE: apply the model settings given here where they differ from the "
                  "checkpoint's (listed), instead of refusing them.",
         )
+        parser.add_argument(
+            "--allow_random_weights", type=bool, default=False,
+            help="validate/test: evaluate a model without trained weights (no --ckpt_path, weights_file, "
+                 "pretrained or init_from), e.g. as a baseline; refused otherwise.",
+        )
+        parser.add_argument(
+            "--allow_other_data", type=bool, default=False,
+            help="validate/test: evaluate on data other than the checkpoint was trained on (another "
+                 "DataModule class), or external weights on the synthetic data; refused otherwise.",
+        )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         for key, count in getattr(self, "_integer_limits", {}).items():
@@ -150,14 +161,62 @@ class RobustCLI(LightningCLI):
                 "SyncBatchNorm does not support double backward; set trainer.sync_batchnorm: false"
             )
         self._check_callback_flags(trainer)
-        if self.subcommand == "fit":
-            check_output_dirs(trainer)  # before the loggers exist: their constructors may write
+        self._check_batch_limits(trainer)
+        check_output_dirs(trainer)  # before the loggers exist: their constructors may write
+        if self.subcommand in ("validate", "test"):
+            self._check_what_is_evaluated(config)
         precision = trainer.get("precision")
         if objective != "vanilla" and objective is not None and str(precision) in FP16_PRECISIONS:
             raise SystemExit(
                 f"error: trainer.precision={precision!r} (fp16) cannot be used with model.objective={objective!r}: "
                 "its double backprop needs the input gradient unscaled, which fp16 loss scaling does not "
                 "protect from underflow; use trainer.precision: bf16-mixed or 32-true"
+            )
+
+    def _check_batch_limits(self, trainer: Any) -> None:
+        """A batch limit of 0 for the loop a subcommand runs does nothing and exits 0: refuse it."""
+        loops = {"fit": ("limit_train_batches",), "validate": ("limit_val_batches",), "test": ("limit_test_batches",)}
+        for key in loops.get(self.subcommand, ()):
+            value = self._integer_limits.get(key, trainer.get(key)) if hasattr(self, "_integer_limits") else trainer.get(key)
+            if value is not None and not isinstance(value, bool) and float(value) == 0:
+                raise SystemExit(
+                    f"error: trainer.{key}={value!r} runs no batch, so `{self.subcommand}` would do nothing and "
+                    "exit 0; give an integer >= 1 (a count of batches) or a fraction in (0, 1] (1.0 = all)"
+                )
+
+    def _check_what_is_evaluated(self, config: Any) -> None:
+        """validate/test: refuse a model without trained weights, and a checkpoint or external weights
+        on data they were not trained on (before W&B and before any batch)."""
+        model = _plain(config.get("model")) or {}
+        ckpt = config.get("ckpt_path")
+        trained = ckpt or model.get("weights_file") or model.get("pretrained") or model.get("init_from")
+        if not trained and not config.get("allow_random_weights"):
+            raise SystemExit(
+                f"error: `{self.subcommand}` would evaluate a model with randomly initialised weights: no "
+                "--ckpt_path, --model.weights_file, --model.pretrained true or --model.init_from was given. Give the "
+                "weights to evaluate, or --allow_random_weights true to evaluate an untrained model on purpose."
+            )
+        if config.get("allow_other_data"):
+            return
+        data = _plain(config.get("data")) or {}
+        data_class = data.get("class_path") if isinstance(data, dict) else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and os.path.isfile(ckpt) and data_class:
+            saved = (read_checkpoint(ckpt) or {}).get("datamodule_hyper_parameters") or {}
+            trained_on = saved.get("_class_path")
+            if trained_on and trained_on != data_class:
+                raise SystemExit(
+                    f"error: --ckpt_path {ckpt} was trained on {trained_on}, but this run evaluates it on "
+                    f"{data_class}. Give the data it was trained on (e.g. -c configs/data/<name>.yaml), or "
+                    "--allow_other_data true to evaluate it on other data on purpose."
+                )
+        external = model.get("weights_file") or model.get("pretrained")
+        if external and not ckpt and str(data_class).endswith("SyntheticDataModule"):
+            source = f"weights_file {model.get('weights_file')}" if model.get("weights_file") else "pretrained timm weights"
+            raise SystemExit(
+                f"error: the model's weights ({source}) were not trained on the built-in synthetic glyph data, "
+                "which this run would evaluate them on (the data of configs/evaluate.yaml). Give the data they were "
+                "trained on, e.g. -c configs/data/cifar10.yaml --data.init_args.data_dir DIR, or "
+                "--allow_other_data true."
             )
 
     def _check_callback_flags(self, trainer: Any) -> None:
@@ -199,12 +258,28 @@ class RobustCLI(LightningCLI):
         if type(strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             strategy.checkpoint_io = AtomicCheckpointIO()
         self._resolve_checkpoint_args()
+        self._warn_seen_split()
         kwargs = self.config_init[self.subcommand]
         if self.subcommand in ("validate", "test") and any(
             type(c).__name__ == "FinalSummary" for c in self.trainer.callbacks
         ):
             kwargs["verbose"] = False  # FinalSummary prints the metrics once, in sections
         self._resume_wandb_run(kwargs.get("ckpt_path"))
+
+    def _warn_seen_split(self) -> None:
+        """validate with external weights on a validation split carved from the training data: say so."""
+        hparams = self.model.hparams
+        external = hparams.get("weights_file") or hparams.get("pretrained")
+        held_out = getattr(self.datamodule, "held_out", None)
+        if self.subcommand == "validate" and external and callable(held_out) and not held_out("val"):
+            describe = getattr(self.datamodule, "describe_split", None)
+            where = describe("val") if callable(describe) else "carved from the training split"
+            rank_zero_warn(
+                f"validate evaluates the validation split, {where}; the model's weights "
+                f"({'weights_file ' + str(hparams.get('weights_file')) if hparams.get('weights_file') else 'pretrained'}) "
+                "come from outside this run and were likely trained on these images. Use `test` for numbers on "
+                "held-out images."
+            )
 
     def _resume_wandb_run(self, ckpt_path: str | None) -> None:
         """``fit --ckpt_path``: continue the W&B run the checkpoint was logged to (resume="allow")."""
@@ -237,6 +312,13 @@ class RobustCLI(LightningCLI):
                     )
                 rank_zero_info(f"--ckpt_path last: resuming from {found}")
                 kwargs["ckpt_path"] = found
+            elif self.subcommand in ("validate", "test"):
+                raise SystemExit(
+                    f"error: --ckpt_path last: no checkpoint found in "
+                    f"{checkpoint_dirs(self.trainer) or 'any checkpoint folder'} (the checkpoint folders of this "
+                    f"run's logger name), so `{self.subcommand}` has no trained weights to evaluate. Give the "
+                    "checkpoint file: --ckpt_path path/to/last.ckpt"
+                )
             else:
                 rank_zero_warn(
                     f"--ckpt_path last: no checkpoint found in {checkpoint_dirs(self.trainer) or 'any checkpoint folder'}; "
@@ -255,6 +337,7 @@ def main(args=None) -> RobustCLI:
         given = sys.argv[1:]
     else:
         args = given = with_default_config(list(args))
+    check_config_files(given)
     RobustCLI._integer_limits = integer_batch_limits(given)
     RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in given
                                  if a.startswith("--trainer.callbacks.")]
@@ -271,6 +354,10 @@ def main(args=None) -> RobustCLI:
         )
     except UnwritableDirError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except SIGTERMException as exc:  # Lightning raises it without a message (exit status 0)
+        raise SystemExit(exc.code if isinstance(exc.code, str) else
+                         "error: stopped by SIGTERM; checkpoints are written atomically, so the last complete one is "
+                         "intact (fit: resume with --ckpt_path last)") from None
     except OSError as exc:
         message = disk_full_message(exc)
         if message is None:
@@ -289,6 +376,39 @@ def with_default_config(args: list[str]) -> list[str]:
         return args
     print(f"no -c/--config given: using the built-in default {DEFAULT_CONFIG}", file=sys.stderr)
     return [args[0], "-c", str(DEFAULT_CONFIG), *rest]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping with the same key twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping (lines {seen[key].start_mark.line + 1} "
+                    f"and {key_node.start_mark.line + 1}); YAML would silently keep the last one: remove one",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+def check_config_files(args: list[str]) -> None:
+    """Refuse a ``-c``/``--config`` file with a duplicated key, naming the file, key and lines."""
+    for i, arg in enumerate(args):
+        name, sep, value = arg.partition("=")
+        if name not in ("-c", "--config"):
+            continue
+        path = value if sep else (args[i + 1] if i + 1 < len(args) else None)
+        if not path or not os.path.isfile(path):
+            continue  # the parser reports a missing file
+        try:
+            yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+        except yaml.constructor.ConstructorError as exc:
+            raise SystemExit(f"error: config file {path}: {exc.problem}") from None
+        except yaml.YAMLError:
+            continue  # the parser reports syntax errors
 
 
 _LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")

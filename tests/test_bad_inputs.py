@@ -285,3 +285,65 @@ def test_limited_validation_batches_see_every_class(tmp_path):
         assert sorted(first.tolist()) == list(range(10)), first  # one batch: all ten classes
     assert dm.val_dataset.targets[:5] == [0] * 5  # the dataset itself keeps its (sorted) order
     assert balanced_order([0, 0, 1, 1, 1], seed=0) == balanced_order([0, 0, 1, 1, 1], seed=0)
+
+
+# ------------------------------------------------------------------------ what validate/test evaluate
+def test_validate_without_trained_weights_is_refused_unless_asked(tiny_config, monkeypatch):
+    calls = _record(monkeypatch, "validate")
+    for sub in ("validate", "test"):
+        _fails([sub, "-c", str(tiny_config())],
+               rf"`{sub}` would evaluate a model with randomly initialised weights: no --ckpt_path, "
+               r"--model.weights_file, --model.pretrained true or --model.init_from .* --allow_random_weights true")
+    assert not calls
+    main(["validate", "-c", str(tiny_config()), "--allow_random_weights", "true"])
+    assert len(calls) == 1
+
+
+def test_ckpt_path_last_that_finds_nothing_is_an_error_in_validate(tiny_config, monkeypatch):
+    calls = _record(monkeypatch, "validate")
+    _fails(["validate", "-c", str(tiny_config()), "--ckpt_path", "last"],
+           r"--ckpt_path last: no checkpoint found in .*checkpoint folders of this run's logger name.*"
+           r"Give the checkpoint file")
+    assert not calls
+
+
+def test_checkpoint_trained_on_other_data_is_refused(tiny_config, tmp_path, monkeypatch):
+    ckpt = _checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["datamodule_hyper_parameters"] = {"_class_path": "datamodules.CIFAR10DataModule", "data_dir": "x"}
+    torch.save(saved, ckpt)
+    calls = _record(monkeypatch, "validate")
+    _fails(["validate", "-c", str(tiny_config()), "--ckpt_path", str(ckpt)],
+           r"was trained on datamodules.CIFAR10DataModule, but this run evaluates it on "
+           r"datamodules.SyntheticDataModule.*--allow_other_data true")
+    assert not calls
+    main(["validate", "-c", str(tiny_config()), "--ckpt_path", str(ckpt), "--allow_other_data", "true"])
+    assert len(calls) == 1
+
+
+def test_external_weights_on_the_synthetic_data_are_refused(tiny_config, tmp_path, monkeypatch):
+    weights = tmp_path / "w.pth"
+    torch.save(RobustClassifier(**TINY_MODEL).model.state_dict(), weights)
+    calls = _record(monkeypatch, "test")
+    _fails(["test", "-c", str(tiny_config(model={"weights_file": str(weights)}))],
+           r"weights_file .*w.pth\) were not trained on the built-in synthetic glyph data.*"
+           r"-c configs/data/cifar10.yaml")
+    assert not calls
+
+
+def test_config_file_with_a_duplicated_key_is_refused(tiny_config, tmp_path):
+    path = tiny_config()
+    text = path.read_text().replace("model:\n", "model:\n  k: 3\n", 1)
+    path.write_text(text)
+    _fails(["fit", "-c", str(path)], rf"config file {path}: the key 'k' appears twice in one mapping "
+                                     r"\(lines \d+ and \d+\); YAML would silently keep the last one")
+
+
+@pytest.mark.parametrize("sub, key", [("fit", "limit_train_batches"), ("validate", "limit_val_batches"),
+                                      ("test", "limit_test_batches")])
+def test_a_batch_limit_of_zero_is_refused(tiny_config, monkeypatch, sub, key):
+    calls = _record(monkeypatch, sub)
+    _fails([sub, "-c", str(tiny_config()), f"--trainer.{key}", "0", "--allow_random_weights", "true"] if sub != "fit"
+           else [sub, "-c", str(tiny_config()), f"--trainer.{key}", "0"],
+           rf"trainer.{key}=0 runs no batch, so `{sub}` would do nothing and exit 0")
+    assert not calls

@@ -7,14 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explanations.evaluation import (
-    EvaluationProtocol,
-    eps_label,
-    iter_batches,
-    parse_attacks,
-    summary,
-    write_report,
-)
+from explanations.evaluation import EvaluationProtocol, eps_label, iter_batches, parse_attacks
+from explanations.report import build_report, write_report_files
 
 EPS = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
 
@@ -85,14 +79,14 @@ def test_summary_json_contract_and_report_files(trained, tmp_path):
     protocol = EvaluationProtocol(eps=[0.5 / 255, 3 / 255], attacks=["er", "mse"], k=0.1, steps=1,
                                   thickness_samples=1, thickness_points=2)
     result = protocol.evaluate(net, iter_batches(x, y, ids, 6), keep_images=3)
-    report = summary(protocol, result.means(), result.num_images, result.notes)
+    report = build_report(protocol, result.means(), result.num_images, result.notes)
     assert report["num_images"] == 12 and report["k"] == 14  # 10 % of 144 features, as a count
     assert report["accuracy"] == pytest.approx(float((net(x).argmax(1) == y).float().mean()))
     assert list(report["p_at_k"]) == ["worst", "er", "mse", "noise"]
     assert all(list(row) == ["0.5/255", "3/255"] for row in report["p_at_k"].values())
     assert set(report["thickness"]) == {"all_pairs", "boundary"}
     assert report["p_at_k"]["er"]["3/255"] == result.means()["p_at_k/er/gradient/eps_3"]
-    paths = write_report(report, tmp_path, result.images)
+    paths = write_report_files(report, tmp_path, result.images)
     assert json.loads((tmp_path / "robustness_report.json").read_text())["num_images"] == 12
     assert {p.name for p in paths} >= {"p_at_k_vs_eps.png", "thickness.png", "saliency_gradient.png"}
     assert len(result.images["gradient"]["source"]) == 3
