@@ -8,7 +8,12 @@ normalisation: the model normalises). Items are ``(image, label)``, or
 """
 
 from .cifar10 import CIFAR10_CLASSES, CIFAR10DataModule
-from .image_folder import BadImageError, RobustImageFolder, SkipNoneCollate
+from .image_folder import (
+    BadImageError,
+    ImageSizeError,
+    RobustImageFolder,
+    SkipNoneCollate,
+)
 from .imagenet_subset import ImageNetSubsetDataModule, read_class_list
 from .synthetic import SyntheticDataModule, SyntheticPatternDataset
 
@@ -17,6 +22,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR10_CLASSES",
     "ImageNetSubsetDataModule",
+    "ImageSizeError",
     "RobustImageFolder",
     "SkipNoneCollate",
     "SyntheticDataModule",

@@ -7,7 +7,8 @@ Layouts under ``data_dir`` (detected automatically, official first):
 (b) image folders ``<data_dir>/train/<class>/*`` and ``<data_dir>/test/<class>/*`` with the 10
     CIFAR-10 class names as folder names (sorted order = official label ids).
 
-Items are ``(image float (3, 32, 32) in [0, 1], label int)``. Val is a seeded class-balanced
+Items are ``(image float (3, 32, 32) in [0, 1], label int)``. Nothing is resized: a folder-layout
+file that is not 32x32 raises ``ImageSizeError`` naming it when it is read. Val is a seeded class-balanced
 ``val_fraction`` of train (with ``val_fraction: 0`` the test split also serves as val). Train
 augmentation (``augment``): RandomCrop(32, padding=4) + RandomHorizontalFlip.
 """
@@ -157,17 +158,19 @@ class CIFAR10DataModule(DataLoaderMixin, L.LightningDataModule):
             test_samples = self._folder_samples("test")
             targets = [t for _, t in train_samples]
             train_idx, val_idx = stratified_split(targets, hp.val_fraction, hp.seed)
+            # The transforms do not resize: every file must already be 32x32 (checked per item).
+            size = (32, 32)
             train_ds = RobustImageFolder(
-                [train_samples[i] for i in train_idx], CIFAR10_CLASSES, train_tf, hp.bad_images
+                [train_samples[i] for i in train_idx], CIFAR10_CLASSES, train_tf, hp.bad_images, size
             )
             val_ds = (
                 RobustImageFolder(
-                    [train_samples[i] for i in val_idx], CIFAR10_CLASSES, eval_tf, hp.bad_images
+                    [train_samples[i] for i in val_idx], CIFAR10_CLASSES, eval_tf, hp.bad_images, size
                 )
                 if val_idx
                 else None
             )
-            test_ds = RobustImageFolder(test_samples, CIFAR10_CLASSES, eval_tf, hp.bad_images)
+            test_ds = RobustImageFolder(test_samples, CIFAR10_CLASSES, eval_tf, hp.bad_images, size)
         self.layout = layout
         self.test_dataset = test_ds
         self.val_dataset = val_ds if val_ds is not None else test_ds

@@ -4,6 +4,11 @@ Layout of one split: ``<split_dir>/<class>/**/<image>`` (any depth below the cla
 Items are ``(image, label)`` with ``image`` whatever the transform returns (a float (C, H, W)
 tensor in [0, 1] for the project's transforms, which end at ``ToTensor()``) and ``label`` an int.
 
+Every image mode Pillow reads is decoded to 8-bit RGB meaning the same brightness, or refused
+(:func:`load_rgb`): 8-bit modes through Pillow (alpha dropped, not composited), 16-bit gray as
+``v / 65535``, float gray (mode ``F``) as values that must lie in [0, 1]. Out-of-range values,
+non-finite floats and unknown modes are bad images, like undecodable files.
+
 Decoding errors (corrupt or truncated files) never surface as a bare PIL trace mid-epoch:
 
 - ``bad_images="error"``: :class:`BadImageError` (a ``ValueError``) naming the file and
@@ -104,14 +109,74 @@ def make_samples(split_dir: str, class_to_idx: Mapping[str, int]) -> list[tuple[
     return samples
 
 
+# Modes Pillow's ``convert("RGB")`` maps to RGB with unchanged 8-bit values (gray replicated,
+# palette looked up, CMYK/YCbCr converted, alpha dropped; ``RGBa`` is un-premultiplied first).
+# Pillow itself reduces 16-bit-per-channel colour (48/64-bit PNG, 16-bit PPM) to these 8-bit modes.
+_RGB_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr"})
+# 16-bit gray: unsigned values in [0, 65535]; Pillow opens 16-bit PNG/TIFF as "I;16"/"I;16B" and
+# 16-bit PGM as "I" (older Pillow also opened 16-bit PNG as "I").
+_GRAY16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+SUPPORTED_MODES = tuple(sorted(_RGB_MODES | _GRAY16_MODES | {"I", "F"}))
+
+
+class _Refused(Exception):
+    """An image that decodes but whose values have no defined meaning (message = the reason)."""
+
+
+def _gray_to_rgb(level: np.ndarray) -> Image.Image:
+    """(H, W) uint8 gray levels -> RGB PIL image (the level replicated in the 3 channels)."""
+    return Image.fromarray(level, "L").convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image of any supported mode as 8-bit RGB meaning the same brightness.
+
+    - 8-bit modes (``_RGB_MODES``): Pillow's conversion; alpha is dropped (the colour channels
+      are kept as stored, as torchvision's ``ImageFolder`` loader does), not composited.
+    - 16-bit gray (``I;16*``, and ``I`` whose values must lie in [0, 65535]):
+      ``round(v / 65535 * 255)`` (= ``round(v / 257)``, so ``257 * k`` gives ``k`` exactly).
+    - float gray (``F``): values must be finite and in [0, 1]; ``round(v * 255)``.
+    Out-of-range values and any other mode raise ``_Refused``: nothing is clipped or guessed.
+    """
+    mode = img.mode
+    if mode in _RGB_MODES:
+        return img.convert("RGB")
+    if mode in _GRAY16_MODES or mode == "I":
+        v = np.asarray(img).astype(np.int64)
+        lo, hi = int(v.min()), int(v.max())
+        if mode == "I" and (lo < 0 or hi > 65535):
+            raise _Refused(
+                f"32-bit integer image (mode I) with values in [{lo}, {hi}]: mode I is read as "
+                f"16-bit gray and must lie in [0, 65535]"
+            )
+        return _gray_to_rgb(((v * 255 + 32767) // 65535).astype(np.uint8))
+    if mode == "F":
+        v = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(v)
+        if not finite.all():
+            raise _Refused(f"float image (mode F) with {int((~finite).sum())} non-finite value(s) (NaN/inf)")
+        lo, hi = float(v.min()), float(v.max())
+        if lo < 0.0 or hi > 1.0:
+            raise _Refused(
+                f"float image (mode F) with values in [{lo:.6g}, {hi:.6g}]: float images must hold "
+                f"values in [0, 1] (they are not clipped or rescaled)"
+            )
+        return _gray_to_rgb(np.rint(v * 255).astype(np.uint8))
+    raise _Refused(f"image mode {mode!r} is not supported (supported: {', '.join(SUPPORTED_MODES)})")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; any decoding failure raises ``BadImageError``."""
+    """Open and fully decode an image as 8-bit RGB (see ``_to_rgb`` for each mode).
+
+    Any decoding failure, an unsupported mode, or values outside the mode's range (``F``: [0, 1],
+    ``I``: [0, 65535]) raise ``BadImageError`` naming the file and the reason.
+    """
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so truncated files fail here and not later
-            return img.convert("RGB")
+            return _to_rgb(img)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib errors, ...
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = str(exc) if isinstance(exc, _Refused) else f"{type(exc).__name__}: {exc}"
         raise BadImageError(
             f"cannot decode image file {path} ({reason}). Remove or replace the file, or set "
             f"`bad_images: skip` on the DataModule to drop unreadable images.",
@@ -120,11 +185,31 @@ def load_rgb(path: str) -> Image.Image:
         ) from None
 
 
+class ImageSizeError(ValueError):
+    """A decoded image does not have the size its split requires (its transform does not resize).
+
+    ``path`` is the file, ``size`` and ``expected`` are ``(width, height)``.
+    """
+
+    def __init__(self, message: str, path: str = "", size=(), expected=()) -> None:
+        super().__init__(message)
+        self.path = path
+        self.size = tuple(size)
+        self.expected = tuple(expected)
+
+    def __reduce__(self):  # keep the fields when re-raised from a DataLoader worker
+        return type(self), (str(self), self.path, self.size, self.expected)
+
+
 class RobustImageFolder(Dataset):
     """Dataset over explicit ``(path, label)`` samples; items are ``(transform(rgb_pil), label)``.
 
     ``classes[i]`` is the name of label ``i``. With ``bad_images="skip"`` an unreadable file gives
-    ``None`` (see the module docstring).
+    ``None`` (see the module docstring). ``image_size = (width, height)`` is the size every decoded
+    image must have, for a transform that does not resize (``None``: any size, the transform
+    resizes); a file of another size raises :class:`ImageSizeError` naming it, under either policy
+    (it is readable: the split, not the file, is wrong). The check costs nothing extra: the size is
+    read from the image already decoded in ``__getitem__``.
     """
 
     def __init__(
@@ -133,10 +218,12 @@ class RobustImageFolder(Dataset):
         classes: Sequence[str],
         transform: Callable[[Image.Image], Any] | None = None,
         bad_images: BadImagesPolicy = "error",
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         check_bad_images(bad_images)
         if len(samples) == 0:
             raise ValueError("RobustImageFolder got an empty list of samples")
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.samples = list(samples)
         self.targets = [int(t) for _, t in self.samples]
         self.classes = list(classes)
@@ -160,6 +247,15 @@ class RobustImageFolder(Dataset):
                 self._warned.add(path)
                 log.warning("skipping unreadable image %s (%s)", path, exc.reason)
             return None
+        if self.image_size is not None and img.size != self.image_size:
+            (w, h), (ew, eh) = img.size, self.image_size
+            raise ImageSizeError(
+                f"image {path} is {w}x{h} (width x height) but this split needs {ew}x{eh} images "
+                f"(its transform does not resize). Resize the file to {ew}x{eh} or remove it.",
+                path,
+                img.size,
+                self.image_size,
+            )
         if self.transform is not None:
             img = self.transform(img)
         return img, label

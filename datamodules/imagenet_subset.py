@@ -10,7 +10,8 @@ ignored) only those classes are used and class index ``i`` is the ``i``-th liste
 not sorted). Without it: all folders of ``train/`` in sorted order.
 
 Items are ``(image float (3, S, S) in [0, 1], label int)``, ``S = image_size``; images are
-converted to RGB (some ImageNet files are grayscale or CMYK).
+decoded to RGB (some ImageNet files are grayscale or CMYK; see ``image_folder.load_rgb``) and every
+transform resizes to ``S x S``, so a split may mix image sizes.
 """
 
 from __future__ import annotations
