@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -253,3 +254,13 @@ def weights_source(trainer: L.Trainer, hparams: dict[str, Any]) -> dict[str, Any
     if hparams.get("pretrained"):
         return {"source": "pretrained", "name": f"timm hub weights of {hparams.get('backbone')}"}
     return {"source": "random initialisation (no checkpoint, weights_file or pretrained weights)"}
+
+
+def line_series(wandb: Any, xs: list[float], ys: list[list[float | None]], keys: list[str], **kwargs: Any) -> Any:
+    """``wandb.plot.line_series`` with undefined points (None/NaN) left out of each series, not drawn as 0."""
+    def defined(v: float | None) -> bool:
+        return v is not None and not math.isnan(v)
+
+    series_x = [[x for x, v in zip(xs, row) if defined(v)] for row in ys]
+    series_y = [[v for v in row if defined(v)] for row in ys]
+    return wandb.plot.line_series(xs=series_x, ys=series_y, keys=keys, **kwargs)

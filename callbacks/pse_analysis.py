@@ -59,8 +59,9 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
 from callbacks._eval_subset import EvalSubset
-from callbacks.base import EvaluationCallback
+from callbacks.base import EvaluationCallback, line_series
 from explanations.evaluation import pse_target_uniform
+from explanations.files import file_sha256
 from explanations.plots import uint8_image
 from explanations.pse import (
     CATEGORIES,
@@ -394,10 +395,9 @@ class PSEAnalysis(EvaluationCallback):
                     logger.log_table(key=PREFIX + "samples", columns=[columns[0], "image", *columns[1:]],
                                      data=[[r[0], t, *r[1:]] for r, t in zip(data, thumbs)], step=trainer.global_step)
                 if self.log_chart and self.history:
-                    chart = wandb.plot.line_series(
-                        xs=[h["epoch"] for h in self.history],
-                        ys=[[h[c] if not math.isnan(h[c]) else 0.0 for h in self.history] for c in CATEGORIES],
-                        keys=list(CATEGORIES), title="PSE category shares", xname="epoch",
+                    chart = line_series(
+                        wandb, [h["epoch"] for h in self.history], [[h[c] for h in self.history] for c in CATEGORIES],
+                        list(CATEGORIES), title="PSE category shares", xname="epoch",
                     )
                     logger.log_metrics({PREFIX + "category_shares_chart": chart}, step=trainer.global_step)
             except Exception as exc:  # a dashboard extra must never kill a run
@@ -455,6 +455,9 @@ def analyze_checkpoint(
     """
     from lightning_modules.classifier import RobustClassifier
 
+    from lightning_modules.reliability import ensure_writable_dir
+
+    ensure_writable_dir(out_dir, "PSE report folder (--out)")  # a bad --out fails now, not after the attacks
     settings = settings or PSESettings()
     module = RobustClassifier.load_from_checkpoint(
         str(ckpt), map_location=device, init_from=None, pretrained=False, weights_file=None
@@ -476,8 +479,10 @@ def analyze_checkpoint(
     values = summarize(sums, settings)
     write_report(
         out_dir, f"pse_{split}", values, settings, collector,
-        extra=dict(checkpoint=str(ckpt), split=split, num_samples=num_samples, seed=seed,
-                   seconds=time.perf_counter() - start),
+        extra=dict(checkpoint=str(ckpt), checkpoint_sha256=file_sha256(ckpt), split=split,
+                   data=f"{type(datamodule).__qualname__}: " + (datamodule.describe_split(split)
+                        if hasattr(datamodule, "describe_split") else "provenance not stated"),
+                   num_samples=num_samples, seed=seed, seconds=time.perf_counter() - start),
         class_names=getattr(datamodule, "class_names", None),
     )
     return values

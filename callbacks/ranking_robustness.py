@@ -51,7 +51,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.base import EvaluationCallback
+from callbacks.base import EvaluationCallback, line_series
 from explanations.evaluation import (
     DEFAULT_EPS,
     WORST,
@@ -329,10 +329,9 @@ class RankingRobustness(EvaluationCallback):
         for method, block in report["methods"].items():
             table = block["p_at_k"]
             srcs = list(table)
-            ys = [[0.0 if table[s][e] is None or math.isnan(table[s][e]) else table[s][e] for e in eps] for s in srcs]
-            payload[f"{PREFIX}p_at_k_vs_eps/{method}"] = wandb.plot.line_series(
-                xs=xs, ys=ys, keys=srcs, title=f"P@k vs eps ({method}, epoch {trainer.current_epoch})",
-                xname="eps x 255",
+            ys = [[table[s][e] for e in eps] for s in srcs]  # None where undefined (not drawn, not 0)
+            payload[f"{PREFIX}p_at_k_vs_eps/{method}"] = line_series(
+                wandb, xs, ys, srcs, title=f"P@k vs eps ({method}, epoch {trainer.current_epoch})", xname="eps x 255",
             )
             payload[f"{PREFIX}p_at_k_table/{method}"] = wandb.Table(
                 columns=["attack", *eps], data=[[s, *row] for s, row in zip(srcs, ys)]
@@ -350,6 +349,8 @@ class RankingRobustness(EvaluationCallback):
                 if not self._config_logged:  # the evaluation settings in the run config, once
                     logger.experiment.config.update({"callbacks/RankingRobustness": self.settings()},
                                                     allow_val_change=True)
+                # what was measured (model, weights and hash, data, split, time): in the run summary
+                logger.experiment.summary[f"{PREFIX}measured"] = report.get("measured", {})
                 logger.experiment.log({**payload, "trainer/global_step": step})
             except Exception as exc:  # a dashboard extra must never kill a run
                 log.warning("RankingRobustness: could not log to W&B: %s", exc)

@@ -80,3 +80,26 @@ def test_failed_setup_leaves_no_run(tiny_config, tmp_path):
     with pytest.raises(FileNotFoundError, match="CIFAR-10 data not found"):
         main(["fit", "-c", str(path)])
     assert _runs(tmp_path) == [], "a W&B run folder was left by a failed setup"
+
+
+def test_standalone_evaluation_run_states_what_was_measured(tiny_config, tmp_path):
+    """The evaluation's W&B run holds the measured block (weights file and its sha256) and the report."""
+    import hashlib
+
+    config = tiny_config(trainer={"enable_checkpointing": True})
+    main(["fit", "-c", str(config)])
+    ckpt = next(tmp_path.glob("logs/csv/version_0/checkpoints/*.ckpt"))
+    evaluation = yaml.safe_load(tiny_config(wandb=True).read_text())
+    evaluation["trainer"]["callbacks"].append(
+        {"class_path": "callbacks.RankingRobustness",
+         "init_args": {"num_samples": 4, "batch_size": 4, "steps": 1, "eps": [0.0313725], "thickness": False,
+                       "num_images": 2, "report": True, "attacks": ["er"]}})
+    path = tmp_path / "evaluate.yaml"
+    path.write_text(yaml.safe_dump(evaluation))
+    main(["test", "-c", str(path), "--ckpt_path", str(ckpt)])
+    _finish()
+    (run,) = _runs(tmp_path)
+    data = next(run.glob("*.wandb")).read_bytes()
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for key in (b"robustness/measured", digest.encode(), b"synthetic glyphs", b"robustness/report/saliency_gradient"):
+        assert key in data, key

@@ -156,3 +156,46 @@ def test_table_data_formats_rows():
     rows = torch.tensor([[5.0, 1.0, 2.0, float("nan"), 1.0], [2.0, 0.0, 0.0, 0.25, 0.0]], dtype=torch.float64)
     assert table_data(columns, rows, ["a", "b"]) == [[2, "a", "suppression", 0.25, False],
                                                      [5, "b", "promotion", None, True]]
+
+
+def test_category_share_chart_leaves_undefined_epochs_out_instead_of_plotting_zero():
+    import math
+
+    import wandb
+
+    from callbacks.base import line_series
+
+    history = [{"epoch": 0, **{c: float("nan") for c in CATEGORIES}},  # no attack succeeded in epoch 0
+               {"epoch": 1, **{c: 0.25 for c in CATEGORIES}}]
+    chart = line_series(wandb, [h["epoch"] for h in history], [[h[c] for h in history] for c in CATEGORIES],
+                        list(CATEGORIES), title="PSE category shares", xname="epoch")
+    rows = chart.table.data
+    assert rows and all(step == 1 and value == 0.25 for step, _, value in rows), rows  # epoch 0: no point, not 0
+    assert not any(isinstance(v, float) and math.isnan(v) for _, _, v in rows)
+
+
+def test_analyze_checkpoint_checks_its_output_folder_first_and_states_the_weights(tmp_path, monkeypatch):
+    import hashlib
+
+    import callbacks.pse_analysis as pse_module
+    from explanations.pse import PSESettings
+
+    module = tiny_module()
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, ckpt)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ran = []
+    original = pse_module.run_analysis
+    monkeypatch.setattr(pse_module, "run_analysis", lambda *a, **k: ran.append(1) or original(*a, **k))
+    settings = PSESettings(eps=16 / 255, steps=2, group_size=8, only_correct=False)
+    with pytest.raises(OSError, match=r"cannot write to the PSE report folder \(--out\) .*a-file"):
+        analyze_checkpoint(ckpt, blocker, datamodule=SyntheticDataModule(**DATA), num_samples=4, batch_size=4,
+                           settings=settings)
+    assert not ran  # refused before any attack
+    analyze_checkpoint(ckpt, tmp_path / "out", datamodule=SyntheticDataModule(**DATA), num_samples=4, batch_size=4,
+                       settings=settings, num_examples=1)
+    report = json.loads((tmp_path / "out" / "pse_test.json").read_text())
+    assert ran and json.dumps(report).count(hashlib.sha256(ckpt.read_bytes()).hexdigest()) == 1
+    assert "synthetic glyphs" in json.dumps(report)
