@@ -9,7 +9,10 @@ from lightning_modules.backbones import (
     Normalize,
     NormalizedClassifier,
     ResNet9,
+    SelectOutput,
     build_backbone,
+    check_backbone_output,
+    check_pending_output,
     disable_fused_attention,
     load_backbone_weights,
 )
@@ -20,7 +23,10 @@ __all__ = [
     "Normalize",
     "NormalizedClassifier",
     "ResNet9",
+    "SelectOutput",
     "build_backbone",
+    "check_backbone_output",
+    "check_pending_output",
     "disable_fused_attention",
     "load_backbone_weights",
 ]

@@ -34,7 +34,10 @@ __all__ = [
     "Normalize",
     "NormalizedClassifier",
     "ResNet9",
+    "SelectOutput",
     "build_backbone",
+    "check_backbone_output",
+    "check_pending_output",
     "disable_fused_attention",
     "load_backbone_weights",
 ]
@@ -84,7 +87,8 @@ class Normalize(nn.Module):
 class NormalizedClassifier(nn.Module):
     """``backbone(normalize(x))``: images (B, C, H, W) in [0, 1] -> logits (B, num_classes).
 
-    Submodules: ``normalize`` (:class:`Normalize`) and ``backbone`` (the timm model).
+    Submodules: ``normalize`` (:class:`Normalize`) and ``backbone`` (the timm model or
+    ``nn.Module``; a :class:`SelectOutput` holding it when ``output_key`` is set).
     """
 
     def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -104,6 +108,181 @@ class NormalizedClassifier(nn.Module):
     def pretrained_cfg(self) -> dict:
         """The backbone's timm ``pretrained_cfg`` (empty dict if it has none)."""
         return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones whose forward returns a tuple, a dict or an output object
+# --------------------------------------------------------------------------------------------
+
+
+def select_output(out: Any, key: int | str) -> Any:
+    """The logits inside a backbone's output: ``out[key]`` for a tuple/list (``key`` an index; a
+    digit string counts as one) or a mapping (Hugging Face style ``{"logits": ...}``), else
+    ``out.<key>`` (an object such as a Hugging Face ``ModelOutput``). A Tensor is returned as is."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return out[key]
+    if isinstance(out, (tuple, list)) and (isinstance(key, int) or key.lstrip("-").isdigit()):
+        return out[int(key)]
+    return getattr(out, key)
+
+
+class SelectOutput(nn.Module):
+    """``select_output(backbone(x), output_key)``: images (B, C, H, W) -> logits (B, num_classes)
+    for a backbone that returns a tuple, a dict or an object holding them (``model.output_key``).
+
+    The backbone is the submodule ``backbone`` (state-dict keys gain a ``backbone.`` prefix);
+    other attributes (``num_classes``, ``pretrained_cfg``, ``get_classifier``, ...) are read from
+    it. A Tensor output (e.g. a model that returns auxiliary outputs in training mode only) is
+    passed through.
+    """
+
+    def __init__(self, backbone: nn.Module, output_key: int | str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.output_key = output_key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return select_output(self.backbone(x), self.output_key)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "backbone":
+                raise
+            return getattr(self.backbone, name)
+
+    def extra_repr(self) -> str:
+        return f"output_key={self.output_key!r}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"Tensor {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def describe_output(out: Any, limit: int = 6) -> str:
+    """What a forward returned, for messages: type with the keys / length / attributes and shapes."""
+    kind = type(out).__name__
+    a = "an" if kind[:1].lower() in "aeiou" else "a"
+    if isinstance(out, torch.Tensor):
+        return f"a Tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        items = [f"{k!r}: {_describe(v)}" for k, v in list(out.items())[:limit]]
+        more = ", ..." if len(out) > limit else ""
+        return f"{a} {kind} with keys {{{', '.join(items)}{more}}}"
+    if isinstance(out, (tuple, list)):
+        fields = getattr(out, "_fields", None)
+        names = [f"{f!r}" for f in fields] if fields else [f"[{i}]" for i in range(len(out))]
+        items = [f"{n}: {_describe(v)}" for n, v in list(zip(names, out))[:limit]]
+        more = ", ..." if len(out) > limit else ""
+        return f"{a} {kind} of {len(out)} ({', '.join(items)}{more})"
+    attrs = {k: v for k, v in vars(out).items() if not k.startswith("_")} if hasattr(out, "__dict__") else {}
+    if attrs:
+        items = [f"{k}: {_describe(v)}" for k, v in list(attrs.items())[:limit]]
+        more = ", ..." if len(attrs) > limit else ""
+        return f"{a} {kind} with attributes ({', '.join(items)}{more})"
+    return f"{a} {kind}"
+
+
+def _suggest_key(out: Any, num_classes: int) -> int | str | None:
+    """The key of the first (1, num_classes) tensor in a tuple/dict/object output ("logits" first),
+    else None."""
+    if isinstance(out, Mapping):
+        items = list(out.items())
+    elif isinstance(out, (tuple, list)):
+        items = list(enumerate(out))
+    else:
+        items = [(k, v) for k, v in vars(out).items() if not k.startswith("_")] if hasattr(out, "__dict__") else []
+    items.sort(key=lambda kv: kv[0] != "logits")
+    for key, value in items:
+        if isinstance(value, torch.Tensor) and value.ndim == 2 and (num_classes == 0 or value.shape[-1] == num_classes):
+            return key
+    return None
+
+
+class BackboneProbeError(RuntimeError):
+    """The probe forward itself failed (e.g. the example input does not fit the model)."""
+
+
+def check_backbone_output(
+    model: nn.Module, example: torch.Tensor, num_classes: int, name: str, output_key: int | str | None = None
+) -> None:
+    """Refuse a backbone whose output is not logits (B, num_classes), naming what it returned.
+
+    One forward of ``example`` (one image, (1, C, H, W)) in eval mode under ``torch.no_grad``;
+    every module's training flag is restored (BatchNorm running statistics are not updated in
+    eval mode). ``model`` is the built classifier (with its :class:`SelectOutput` when
+    ``output_key`` is set). Raises ValueError with the fix (``model.output_key`` for a tuple,
+    dict or output object; ``num_classes`` for another number of logits), or
+    :class:`BackboneProbeError` when the forward raises.
+    """
+    inner = model.backbone if isinstance(model, NormalizedClassifier) else model
+    raw_module = inner.backbone if isinstance(inner, SelectOutput) else inner
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = model.normalize(example) if isinstance(model, NormalizedClassifier) else example
+            raw = raw_module(x)
+    except Exception as exc:
+        raise BackboneProbeError(
+            f"backbone {name!r}: its forward failed on an example input of shape {tuple(example.shape)} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from exc
+    finally:
+        for m, flag in modes:
+            m.training = flag
+    returned = describe_output(raw)
+    want = f"(B, {num_classes})" if num_classes else "(B, num_features)"
+    if output_key is not None:
+        if isinstance(raw, torch.Tensor):
+            warnings.warn(
+                f"backbone {name!r} returns {returned} in eval mode, so output_key={output_key!r} does not "
+                "apply there (it applies where the backbone returns a tuple, dict or output object, e.g. "
+                "in training mode); remove output_key if it never does",
+                UserWarning,
+                stacklevel=3,
+            )
+        try:
+            out = select_output(raw, output_key)
+        except (KeyError, IndexError, AttributeError, TypeError) as exc:
+            suggestion = _suggest_key(raw, num_classes)
+            hint = f"; use output_key: {suggestion}" if suggestion is not None else ""
+            raise ValueError(
+                f"backbone {name!r} returns {returned}; output_key={output_key!r} selects nothing in it "
+                f"({type(exc).__name__}: {exc}){hint}"
+            ) from None
+        source = f"its output[{output_key!r}]"
+    else:
+        out, source = raw, "it"
+    if not isinstance(out, torch.Tensor):
+        if output_key is None:
+            suggestion = _suggest_key(raw, num_classes)
+            fix = (f"set model.output_key: {suggestion} (RobustClassifier(output_key={suggestion!r})) to take the "
+                   "logits from it" if suggestion is not None else "make its forward return the logits tensor")
+            raise ValueError(
+                f"backbone {name!r} returns {returned}, not a logits tensor {want}; {fix}"
+            )
+        raise ValueError(
+            f"backbone {name!r} returns {returned}; output_key={output_key!r} selects {describe_output(out)}, "
+            f"not a logits tensor {want}"
+        )
+    if out.ndim != 2 or out.shape[0] != example.shape[0]:
+        binary = (" (one value per image: for two classes return two logits and set num_classes: 2)"
+                  if out.ndim == 1 else "")
+        raise ValueError(
+            f"backbone {name!r}: {source} has shape {tuple(out.shape)} for an input of shape "
+            f"{tuple(example.shape)}; RobustClassifier needs logits of shape {want}{binary}"
+        )
+    if num_classes and out.shape[1] != num_classes:
+        raise ValueError(
+            f"backbone {name!r}: {source} has {out.shape[1]} logits per image (shape {tuple(out.shape)}) but "
+            f"num_classes={num_classes}; build it with {num_classes} outputs or set num_classes: {out.shape[1]}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,10 +430,20 @@ def _check_name(name: str) -> None:
     arch = timm.models.split_model_name_tag(model_id)[0]
     close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Close matches: {', '.join(close)}." if close else ""
+    if "." in name and not timm.models.is_model(arch):  # a Python class path given as a plain string
+        module_hint = (
+            f" If {name!r} is your own nn.Module class, give it as a class path: "
+            f"--model.backbone.class_path {name} (its arguments as --model.backbone.init_args.<name> "
+            f"<value>), or in YAML backbone: {{class_path: {name}, init_args: {{...}}}}; a plain "
+            "string is read as a timm model name."
+        )
+    else:
+        module_hint = (" Your own nn.Module is given as --model.backbone.class_path <package.module.Class> "
+                       "(YAML backbone: {class_path: ..., init_args: {...}}).")
     raise ValueError(
         f"Unknown backbone name {name!r}: not a timm model name and not 'resnet9' "
         f"(the CIFAR ResNet-9 registered by lightning_modules).{hint} "
-        "See timm.list_models() for all names."
+        f"See timm.list_models() for all names.{module_hint}"
     )
 
 
@@ -274,6 +463,9 @@ def _apply_cifar_stem(model: nn.Module, name: str) -> None:
         bias=conv1.bias is not None,
     )
     model.maxpool = nn.Identity()
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):  # the stem is for 32 px inputs (example inputs, probes)
+        model.pretrained_cfg = {**cfg, "input_size": (cfg["input_size"][0], 32, 32)}
 
 
 def _resolve_stats(
@@ -342,6 +534,7 @@ def build_backbone(
     cifar_stem: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    output_key: int | str | None = None,
     **timm_kwargs: Any,
 ) -> NormalizedClassifier:
     """Build ``timm.create_model(name, ...)`` (or take the ``nn.Module`` ``name``) wrapped as a
@@ -358,6 +551,10 @@ def build_backbone(
     weights). ``mean``/``std`` (length ``in_chans``) default to the model's ``pretrained_cfg``;
     for an ``nn.Module`` without one, to mean 0 / std 1 (no normalization). Fused attention is
     disabled so double backprop works.
+    ``output_key``: for a backbone whose forward returns a tuple (an index, ``0``), a dict or an
+    object such as a Hugging Face ``ModelOutput`` (a key or attribute, ``"logits"``): the model
+    is wrapped in :class:`SelectOutput`. One forward of a one-image example input
+    (:func:`check_backbone_output`) refuses an output that is not logits (B, num_classes).
     """
     module_backbone = isinstance(name, nn.Module)
     if not module_backbone:
@@ -373,11 +570,17 @@ def build_backbone(
     for what, value in (("mean", mean), ("std", std)):
         if value is not None:
             _resolve_stats(value, None, in_chans, what)
+    if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (int, str))
+                                   or output_key == ""):
+        raise ValueError(
+            f"output_key={output_key!r} is not valid: give an index (0) for a tuple output, a key or "
+            "attribute name ('logits') for a dict or output object, or null for a logits tensor"
+        )
     if module_backbone:
         model = name
         name = _check_module_backbone(model, num_classes, in_chans, pretrained, timm_kwargs)
-        return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std,
-                                identity_stats=True)
+        return _finish_backbone(model, name, num_classes, in_chans, weights_file, act, beta, cifar_stem,
+                                mean, std, output_key, identity_stats=True)
     if pretrained and weights_file is not None:
         warnings.warn(
             "Both pretrained=True and weights_file given: the weights_file overrides hub weights.",
@@ -401,22 +604,25 @@ def build_backbone(
             f"from {name!r}) with pretrained=False instead."
         ) from exc
 
-    return _finish_backbone(model, name, in_chans, weights_file, act, beta, cifar_stem, mean, std)
+    return _finish_backbone(model, name, num_classes, in_chans, weights_file, act, beta, cifar_stem, mean, std,
+                            output_key)
 
 
 def _finish_backbone(
-    model: nn.Module, name: str, in_chans: int, weights_file: str | None, act: str, beta: float,
-    cifar_stem: bool, mean: Sequence[float] | None, std: Sequence[float] | None,
-    identity_stats: bool = False,
+    model: nn.Module, name: str, num_classes: int, in_chans: int, weights_file: str | None, act: str,
+    beta: float, cifar_stem: bool, mean: Sequence[float] | None, std: Sequence[float] | None,
+    output_key: int | str | None, identity_stats: bool = False,
 ) -> NormalizedClassifier:
-    """Stem, weights, activation swap and normalization for a built (timm or user) model."""
+    """Stem, weights, activation swap, normalization, output selection and the output check for a
+    built (timm or user) model."""
     if cifar_stem:
         _apply_cifar_stem(model, name)
     if weights_file is not None:
         load_backbone_weights(model, weights_file, name=name)
+    example = example_input(model, in_chans)
     if act == "softplus":  # modules, function attributes and F.relu calls; refuses a no-op swap
         try:
-            swap_activations(model, beta, example=example_input(model, in_chans))
+            swap_activations(model, beta, example=example)
         except ValueError as exc:
             raise ValueError(f"backbone {name!r}: {exc}") from None
     disable_fused_attention(model)
@@ -440,4 +646,33 @@ def _finish_backbone(
                 UserWarning,
                 stacklevel=2,
             )
-    return NormalizedClassifier(model, mean_t, std_t)
+    classifier = NormalizedClassifier(model if output_key is None else SelectOutput(model, output_key), mean_t, std_t)
+    try:
+        check_backbone_output(classifier, example, num_classes, name, output_key)
+    except BackboneProbeError as exc:
+        warnings.warn(
+            f"{exc}: its output (logits (B, num_classes) expected) is not checked here; RobustClassifier "
+            "checks it on an input of the data's image size before training",
+            UserWarning,
+            stacklevel=3,
+        )
+        classifier._pending_output_check = (name, output_key, num_classes, in_chans)
+    return classifier
+
+
+def check_pending_output(model: nn.Module, image_size: int | None) -> None:
+    """The output check :func:`build_backbone` could not run on its example input, run on one
+    (1, C, image_size, image_size) input of the data's size; a no-op when it ran at build."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    pending = model.__dict__.get("_pending_output_check")
+    if pending is None or image_size is None:
+        return
+    name, output_key, num_classes, in_chans = pending
+    param = next(model.parameters(), None)
+    example = torch.rand(1, in_chans, int(image_size), int(image_size), generator=torch.Generator().manual_seed(0))
+    example = example.to(param.device) if param is not None else example
+    try:
+        check_backbone_output(model, example, num_classes, name, output_key)
+    except BackboneProbeError as exc:
+        raise ValueError(f"{exc}: the model cannot process the data's {image_size}x{image_size} images") from exc
+    del model._pending_output_check

@@ -10,8 +10,9 @@ and comparing a checkpoint's settings with the run's.
   .safetensors, prefix detected) and :func:`load_model_weights` (``model.init_from``: a project
   checkpoint), with one classifier-prefix heuristic (:func:`classifier_prefixes`): a classifier
   of another shape keeps its fresh initialisation, any other mismatch is refused with the keys.
-- :func:`architecture_differences` / :func:`state_dict_differences` / :func:`format_differences`:
-  why a checkpoint does not fit a model.
+- :func:`architecture_differences` / :func:`missing_hparams` / :func:`state_dict_differences` /
+  :func:`format_differences`: why a checkpoint does not fit a model (including the
+  architecture hyper-parameters a checkpoint does not record, so the run used its own values).
 - :func:`hparams_differences`: ``{key: (checkpoint, run)}`` for the model settings that differ,
   used by the CLI to refuse an explicit ``--ckpt_path`` whose settings disagree with the flags and
   a ``--ckpt_path last`` that belongs to another run.
@@ -37,8 +38,12 @@ log = logging.getLogger(__name__)
 
 #: Hyper-parameters of RobustClassifier that change the parameter set of the network.
 ARCHITECTURE_KEYS: tuple[str, ...] = (
-    "backbone", "num_classes", "in_chans", "activation", "cifar_stem", "backbone_kwargs",
+    "backbone", "num_classes", "in_chans", "activation", "cifar_stem", "backbone_kwargs", "output_key",
 )
+
+#: Hyper-parameters added after checkpoints were first written, with the value a checkpoint that
+#: lacks one was trained with (compared as that value, not reported as missing).
+LATER_KEYS: dict[str, Any] = {"output_key": None}
 
 #: Settings that do not change what a checkpoint means (how the step runs, where it starts from):
 #: a run may set them differently from the checkpoint it loads, and the run's value is used.
@@ -151,16 +156,28 @@ def architecture_differences(
 ) -> dict[str, tuple[Any, Any]]:
     """``{key: (saved, current)}`` for the architecture hyper-parameters that differ.
 
-    Keys absent from ``saved`` (checkpoints of other code) are not compared.
+    Keys absent from ``saved`` (checkpoints of other code, see :func:`missing_hparams`) are not
+    compared, except the :data:`LATER_KEYS`, compared as the value they had before they existed.
     """
     out = {}
     for key in keys:
-        if key not in saved:
+        if key not in saved and key not in LATER_KEYS:
             continue
-        a, b = _normalize(key, saved.get(key)), _normalize(key, current.get(key))
+        saved_value = saved.get(key, LATER_KEYS.get(key))
+        a, b = _normalize(key, saved_value), _normalize(key, current.get(key))
         if a != b:
-            out[key] = (saved.get(key), current.get(key))
+            out[key] = (saved_value, current.get(key))
     return out
+
+
+def missing_hparams(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] = ARCHITECTURE_KEYS
+) -> dict[str, Any]:
+    """``{key: run value}`` for the architecture hyper-parameters that the checkpoint does not
+    record (saved by hand or by older code) but the run has: the model was built with the run's
+    value, often the default, which may not be the one the weights were trained with."""
+    return {key: _plain(current[key]) for key in keys
+            if key not in saved and key not in LATER_KEYS and key in current}
 
 
 def state_dict_differences(saved: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -177,9 +194,22 @@ def state_dict_differences(saved: Mapping[str, Any], own: Mapping[str, Any]) -> 
     }
 
 
-def format_differences(arch: Mapping[str, tuple[Any, Any]], keys: Mapping[str, list[str]], limit: int = 10) -> str:
-    """Human-readable summary of :func:`architecture_differences` and :func:`state_dict_differences`."""
+def format_differences(
+    arch: Mapping[str, tuple[Any, Any]], keys: Mapping[str, list[str]], limit: int = 10,
+    missing: Mapping[str, Any] | None = None,
+) -> str:
+    """Human-readable summary of :func:`missing_hparams` (first: the likely cause),
+    :func:`architecture_differences` and :func:`state_dict_differences`."""
     parts = []
+    if missing:
+        names = ", ".join(repr(k) for k in missing)
+        used = ", ".join(f"{k}={v!r}" for k, v in missing.items())
+        flags = " ".join(f"--model.{k} <value>" for k in missing)
+        parts.append(
+            f"the checkpoint does not record the hyper-parameter(s) {names} (saved by hand or by older code), "
+            f"so this model was built with {used}; give the value(s) the weights were trained with "
+            f"({flags}, or under model: in the config)"
+        )
     if arch:
         parts.append("hyper-parameters (checkpoint -> this run): " + ", ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in arch.items()))
@@ -305,9 +335,12 @@ def load_backbone_weights(model: nn.Module, weights_file: str | Path, name: str 
     prefix = _best_prefix(list(keys), model_keys)
     if prefix:
         file_sd = {k[len(prefix) :]: v for k, v in keys.items() if k.startswith(prefix)}
-        outer = prefix.rsplit("backbone.", 1)[0] if prefix.endswith("backbone.") else None
-        if outer is not None:
-            _check_file_normalization(model, keys, outer, path)
+        outer = prefix
+        while outer.endswith("backbone."):  # "model.backbone." or, with output_key, "model.backbone.backbone."
+            outer = outer[: -len("backbone.")]
+            if f"{outer}normalize.mean" in keys:
+                _check_file_normalization(model, keys, outer, path)
+                break
     else:
         file_sd = keys
 
@@ -420,7 +453,8 @@ def load_model_weights(model: nn.Module, path: str | Path, expected_hparams: dic
     if missing or unexpected or wrong:
         saved_hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         arch = architecture_differences(saved_hparams or {}, expected_hparams or {}) if expected_hparams else {}
-        differing = f"; {format_differences(arch, {})}" if arch else ""
+        missing_keys = missing_hparams(saved_hparams or {}, expected_hparams) if expected_hparams else {}
+        differing = f"; {format_differences(arch, {}, missing=missing_keys)}" if arch or missing_keys else ""
         raise ValueError(
             f"init_from={str(path)!r} does not fit this model: missing keys {missing[:10]}, "
             f"unexpected keys {unexpected[:10]}, shape mismatches {wrong[:10]}{differing}"

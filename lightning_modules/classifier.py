@@ -28,11 +28,12 @@ from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
 from explanations.precision import set_tf32, tf32_flags
 from explanations.saliency import num_features
-from lightning_modules.backbones import build_backbone
+from lightning_modules.backbones import build_backbone, check_pending_output
 from lightning_modules.checkpoints import (
     architecture_differences,
     format_differences,
     load_model_weights,
+    missing_hparams,
     state_dict_differences,
 )
 from lightning_modules.reliability import batchnorm_state, restore_state
@@ -65,6 +66,10 @@ class RobustClassifier(L.LightningModule):
         activation, softplus_beta: ``softplus`` swaps ReLU-type activations (SP baseline).
         cifar_stem: 3x3 stride-1 stem, no max-pool, for 32 px inputs (ResNet family).
         backbone_kwargs: extra keyword arguments for ``timm.create_model``.
+        output_key: for a backbone whose forward returns a tuple (``0``: its first element), a
+            dict or an object with attributes (``logits``, as Hugging Face models return): where
+            the logits are. Checked at build by one forward of a one-image example input, which
+            refuses any output that is not logits (B, num_classes), naming what it returned.
         objective: one of ``OBJECTIVES`` (vanilla, r2et, r2et_noh, r2et_mm, r2et_mm_noh, est_h,
             grad_norm, at, ...).
         k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature, target, pool:
@@ -98,6 +103,7 @@ class RobustClassifier(L.LightningModule):
         softplus_beta: float = 2.0,
         cifar_stem: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
+        output_key: int | str | None = None,
         objective: str = "r2et",
         k: int | float = 0.1,
         pair_set: Literal["boundary", "all", "minmax"] = "boundary",
@@ -140,7 +146,7 @@ class RobustClassifier(L.LightningModule):
         self.model = build_backbone(
             backbone, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
             weights_file=weights_file, activation=activation, softplus_beta=softplus_beta,
-            cifar_stem=cifar_stem, **(backbone_kwargs or {}),
+            cifar_stem=cifar_stem, output_key=output_key, **(backbone_kwargs or {}),
         )
         if init_from is not None:
             load_model_weights(self.model, init_from, expected_hparams=self.hparams)
@@ -232,18 +238,36 @@ class RobustClassifier(L.LightningModule):
 
         Runs before Lightning loads the state dict, whose own error would only print tensor names.
         """
+        problems = self.checkpoint_problems(checkpoint)
+        if problems:
+            raise ValueError(problems)
+
+    def checkpoint_problems(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why ``checkpoint`` (its ``hyper_parameters`` and ``state_dict``; tensors may be on the
+        meta device, only shapes are read) does not fit this model, or None when it fits.
+
+        Names the architecture hyper-parameters that differ, those the checkpoint does not
+        record (the model was built with this run's values for them), then the state-dict keys.
+        """
         saved = checkpoint.get("hyper_parameters") or {}
         arch = architecture_differences(saved, _same_module_backbone(saved, self.hparams))
         state = checkpoint.get("state_dict")
         strict = isinstance(state, dict) and self.strict_loading
         keys = state_dict_differences(state, self.state_dict()) if strict else {}
-        if arch or any(keys.values()):
-            raise ValueError(
-                "the checkpoint does not fit this model (it was trained with another configuration): "
-                + format_differences(arch, keys)
-                + ". Resume with the configuration the checkpoint was trained with, or use "
-                "model.init_from to fine-tune from it."
-            )
+        if not (arch or any(keys.values())):
+            return None
+        return (
+            "the checkpoint does not fit this model (it was trained with another configuration): "
+            + format_differences(arch, keys, missing=missing_hparams(saved, self.hparams))
+            + ". Resume with the configuration the checkpoint was trained with, or use "
+            "model.init_from to fine-tune from it."
+        )
+
+    def check_data(self, datamodule: Any) -> None:
+        """:func:`check_against_data`, and the backbone output check on an input of the data's
+        image size when the one-image example of the build did not fit the backbone."""
+        check_against_data(self.hparams, datamodule)
+        check_pending_output(self.model, getattr(datamodule, "image_size", None))
 
     # ---------------------------------------------------------------- DDP
     def _distributed(self) -> bool:
@@ -256,7 +280,7 @@ class RobustClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
-            check_against_data(self.hparams, datamodule)
+            self.check_data(datamodule)
         # Under DDP each rank sees batch_size samples; the adaptive weights use the statistics of
         # the global batch (one 3-float all-reduce per step), so a run on N ranks computes the same
         # loss as one process on the N-times larger batch.
@@ -299,7 +323,7 @@ class RobustClassifier(L.LightningModule):
         x, y = batch[0], batch[1]
         if x.shape[0] == 0:
             return
-        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        fitting = self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING
         if fitting and self.objective.double_backprop and not torch.is_inference_mode_enabled():
             # the regularizer's terms on validation data; a standalone validate/test evaluates the
             # model, not its training objective: CE and accuracy only

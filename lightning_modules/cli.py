@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -26,7 +27,7 @@ from lightning_modules.checkpoints import (
     hparams_differences,
     read_checkpoint,
 )
-from lightning_modules.classifier import FP16_PRECISIONS, RobustClassifier, check_against_data
+from lightning_modules.classifier import FP16_PRECISIONS, RobustClassifier
 from lightning_modules.reliability import (
     UnwritableDirError,
     check_output_dirs,
@@ -127,6 +128,10 @@ class RobustCLI(LightningCLI):
         except (FileNotFoundError, CheckpointReadError) as exc:
             raise SystemExit(f"error: {exc}") from None
         saved = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+            # what RobustClassifier.checkpoint_problems reads, tensors as shapes only (meta device)
+            shapes = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in checkpoint["state_dict"].items()}
+            self._ckpt_file = (ckpt_path, {"hyper_parameters": dict(saved), "state_dict": shapes})
         saved.pop("_instantiator", None)
         saved.pop("_class_path", None)
         if not saved:
@@ -251,7 +256,7 @@ class RobustCLI(LightningCLI):
         """Checks and wiring that must happen before the trainer starts (and W&B with it)."""
         if self.datamodule is not None:
             try:
-                check_against_data(self.model.hparams, self.datamodule)
+                self.model.check_data(self.datamodule)
             except ValueError as exc:
                 raise SystemExit(f"error: {exc}") from None
         strategy = self.trainer.strategy
@@ -260,6 +265,7 @@ class RobustCLI(LightningCLI):
         self._resolve_checkpoint_args()
         self._warn_seen_split()
         kwargs = self.config_init[self.subcommand]
+        self._check_ckpt_fits(kwargs.get("ckpt_path"))
         if self.subcommand in ("validate", "test") and any(
             type(c).__name__ == "FinalSummary" for c in self.trainer.callbacks
         ):
@@ -280,6 +286,16 @@ class RobustCLI(LightningCLI):
                 "come from outside this run and were likely trained on these images. Use `test` for numbers on "
                 "held-out images."
             )
+
+    def _check_ckpt_fits(self, ckpt_path: str | None) -> None:
+        """``--ckpt_path FILE`` whose weights do not fit the model: refused now, before the trainer
+        starts (and W&B with it), with the reasons ``on_load_checkpoint`` would give later."""
+        read = getattr(self, "_ckpt_file", None)
+        if read is None or ckpt_path != read[0] or not hasattr(self.model, "checkpoint_problems"):
+            return
+        problems = self.model.checkpoint_problems(read[1])
+        if problems:
+            raise SystemExit(f"error: --ckpt_path {ckpt_path}: {problems}")
 
     def _resume_wandb_run(self, ckpt_path: str | None) -> None:
         """``fit --ckpt_path``: continue the W&B run the checkpoint was logged to (resume="allow")."""

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from callbacks.summary import FinalSummary, explain_nan
+from lightning_modules.backbones import build_backbone
 from lightning_modules.checkpoints import AtomicCheckpointIO, hparams_differences, read_checkpoint
 from lightning_modules.classifier import RobustClassifier, check_k
 from lightning_modules.cli import integer_batch_limits, main
@@ -140,6 +141,35 @@ def test_ckpt_path_last_of_another_objective_is_refused(tiny_config, tmp_path, m
            f"--ckpt_path last found {ckpt}, but it belongs to another run: it was trained with objective: "
            "'r2et' \\(checkpoint\\) vs 'grad_norm' \\(this run\\)")
     assert not calls
+
+
+def test_checkpoint_without_backbone_kwargs_names_the_missing_setting(tmp_path, monkeypatch):
+    module = RobustClassifier(**TINY_MODEL)  # width 4
+    saved = dict(module.hparams)
+    del saved["backbone_kwargs"]  # as saved by hand or by older code
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": saved,
+                "pytorch-lightning_version": L.__version__}, ckpt)
+    config = tiny_cli_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    del data["model"]["backbone_kwargs"]  # so the model is built with the default width 64
+    config.write_text(yaml.safe_dump(data))
+    calls = _record(monkeypatch, "validate")
+    message = _fails(["validate", "-c", str(config), "--ckpt_path", str(ckpt)],
+                     r"does not record the hyper-parameter\(s\) 'backbone_kwargs' .* built with backbone_kwargs=None; "
+                     r"give the value\(s\) the weights were trained with \(--model.backbone_kwargs <value>")
+    assert "shape mismatches (41)" in message and not calls  # refused before the trainer runs
+    assert message.index("backbone_kwargs") < message.index("shape mismatches")
+
+
+def test_dotted_backbone_string_points_to_class_path(tiny_config):
+    with pytest.raises(ValueError, match=r"Unknown backbone name 'mynets.Net'.*See timm.list_models\(\).*"
+                                         r"give it as a class path: --model.backbone.class_path mynets.Net .*"
+                                         r"backbone: \{class_path: mynets.Net, init_args: \{...\}\}"):
+        main(["fit", "-c", str(tiny_config()), "--model.backbone", "mynets.Net"])
+    with pytest.raises(ValueError, match=r"'resnet99'.*Close matches: resnet9.*--model.backbone.class_path "
+                                         r"<package.module.Class>"):
+        build_backbone("resnet99")
 
 
 def test_text_file_as_checkpoint_is_named(tiny_config, tmp_path):

@@ -8,9 +8,11 @@ from torch import nn
 
 from lightning_modules.checkpoints import (
     CheckpointReadError,
+    architecture_differences,
     classifier_prefixes,
     load_backbone_weights,
     load_model_weights,
+    missing_hparams,
 )
 from lightning_modules.classifier import RobustClassifier
 from tests.conftest import TINY_MODEL
@@ -54,3 +56,21 @@ def test_init_from_says_what_it_loaded(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"init_from: loaded {n - 2} of {n} tensors from {tmp_path / 'a.ckpt'}; classifier kept fresh" in out
     assert torch.equal(next(iter(target.model.parameters())), next(iter(source.model.parameters())))
+
+
+def test_missing_architecture_hparams_are_named_and_output_key_reads_as_none():
+    run = {"backbone": "resnet9", "backbone_kwargs": None, "num_classes": 3, "output_key": None}
+    assert missing_hparams({"backbone": "resnet9", "num_classes": 3}, run) == {"backbone_kwargs": None}
+    # output_key is newer than the first checkpoints: absent means None, a difference when the run sets it
+    assert architecture_differences({"backbone": "resnet9"}, run) == {}
+    assert architecture_differences({"backbone": "resnet9"}, {**run, "output_key": 0}) == {"output_key": (None, 0)}
+
+
+def test_init_from_without_backbone_kwargs_names_them(tmp_path):
+    source = RobustClassifier(**TINY_MODEL)  # width 4
+    saved = dict(source.hparams)
+    del saved["backbone_kwargs"]
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": saved}, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"shape mismatches .*does not record the hyper-parameter\(s\) "
+                                         r"'backbone_kwargs'.*built with backbone_kwargs=None"):
+        RobustClassifier(**{**TINY_MODEL, "backbone_kwargs": None}, init_from=str(tmp_path / "old.ckpt"))

@@ -69,6 +69,7 @@ def test_cifar_stem_resnet18():
     assert bb.conv1.stride == (1, 1) and bb.conv1.kernel_size == (3, 3)
     assert (bb.conv1.in_channels, bb.conv1.out_channels) == (3, 64)
     assert isinstance(bb.maxpool, nn.Identity)
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # the build's output check runs at 32 px
     x = _x(1)
     # 32x32 path: only the 3 stride-2 stages downsample -> 4x4 final feature map
     assert bb.forward_features(model.normalize(x)).shape == (1, 512, 4, 4)
