@@ -20,18 +20,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from callbacks._eval_subset import EvalSubset
+from explanations.evaluation import EvaluationStopped
 from explanations.files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -119,7 +125,11 @@ class EvaluationCallback(L.Callback):
         check_grad_enabled(trainer, self.owner)
         self._last_epoch = trainer.current_epoch if trainer.state.fn == TrainerFn.FITTING else None
         start = time.perf_counter()
-        self.run(trainer, pl_module, loop)
+        try:
+            with stop_on_sigterm():
+                self.run(trainer, pl_module, loop)
+        except EvaluationStopped:
+            raise SIGTERMException(f"error: {self.owner}: evaluation stopped (SIGTERM)") from None
         self.last_duration_s = time.perf_counter() - start
         self.total_duration_s += self.last_duration_s
         if trainer.is_global_zero:
@@ -234,6 +244,28 @@ class EvaluationCallback(L.Callback):
         except ImportError:  # pragma: no cover - tqdm ships with lightning
             return None
         return tqdm(total=total, desc=desc or self.owner, leave=False, unit="img", dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`EvaluationStopped` at once (after the handler
+    that was installed, e.g. Lightning's, has recorded it), instead of waiting for the end of an
+    attack pass: a long evaluation ends within seconds. Main thread only; the handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        if callable(previous):
+            previous(signum, frame)
+        raise EvaluationStopped("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def weights_source(trainer: L.Trainer, hparams: dict[str, Any]) -> dict[str, Any]:
