@@ -234,3 +234,14 @@ def test_adversarial_training_refuses_zero_steps_and_pixel_eps():
         AdversarialTraining(steps=0)
     with pytest.raises(ValueError, match=r"objective 'at' .*eps=8 is in pixel units"):
         AdversarialTraining(eps=8)
+
+
+def test_pool_zero_is_refused_instead_of_meaning_no_pooling():
+    model = tiny_model()
+    x, y = images()
+    match = r"pool=0 is not valid: give null \(no pooling\) or an integer >= 1"
+    with pytest.raises(ValueError, match=match):
+        explain(model, x, y, pool=0)
+    for name in TAKES_EPS:
+        with pytest.raises(ValueError, match=match):
+            (ATTACKS.get(name) or UniformNoise)(model, eps=8 / 255, k=5, pool=0)
