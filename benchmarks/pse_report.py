@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     known, _ = p.parse_known_args(argv)
     p.set_defaults(**config_defaults(known.config))
     args = p.parse_args(argv)
-    settings = PSESettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PSESettings)})
+    try:  # the same validators as the API and the callback (explanations.validation)
+        settings = PSESettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PSESettings)})
+    except ValueError as exc:
+        p.error(str(exc))
     values = analyze_checkpoint(
         args.ckpt, args.out, configs=args.config, split=args.split, num_samples=args.num_samples,
         batch_size=args.batch_size, seed=args.seed, num_examples=args.num_examples,

@@ -316,12 +316,8 @@ class PSEAnalysis(EvaluationCallback):
         num_examples: int = 2,
     ) -> None:
         super().__init__(every_n_epochs, num_samples, batch_size, seed)
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps={steps!r} must be a non-negative integer")
-        if eps < 0:
-            raise ValueError(f"eps={eps} must be non-negative")
-        self.settings = PSESettings(
-            eps=float(eps), steps=steps, step_size=step_size, norm=norm, target_rule=target_rule,
+        self.settings = PSESettings(  # validates every setting (explanations.validation)
+            eps=eps, steps=steps, step_size=step_size, norm=norm, target_rule=target_rule,
             kappa=kappa, rand_init=rand_init, early_stop=early_stop, cutoffs=tuple(cutoffs),
             only_correct=only_correct, include_failed=include_failed, group_size=group_size,
             group_chunk_size=group_chunk_size, cam_method=cam_method, cam_layer=cam_layer,

@@ -12,7 +12,14 @@ from explanations.attacks import (
     build_attack,
     paper_attack,
 )
-from explanations.explainers import METHODS, eval_mode, explain, explain_with_logits, seeded_uniform
+from explanations.explainers import (
+    METHODS,
+    eval_mode,
+    explain,
+    explain_unchecked,
+    explain_with_logits,
+    seeded_uniform,
+)
 from explanations.objectives import (
     OBJECTIVES,
     GradientNorm,
@@ -55,8 +62,10 @@ from explanations.saliency import (
     topk_mask,
 )
 
+from explanations.validation import check_eps, check_images, check_steps
+
 __all__ = [
-    "ATTACKS", "METHODS", "AdversarialTraining", "ERAttack", "MSEAttack", "PaperERAttack",
+    "ATTACKS", "check_eps", "check_images", "check_steps", "explain_unchecked", "METHODS", "AdversarialTraining", "ERAttack", "MSEAttack", "PaperERAttack",
     "RankingAttack", "UniformNoise", "block_gap", "build_attack", "paper_attack",
     "thickness_estimates", "eval_mode", "explain", "explain_with_logits", "kendall_union",
     "kept_pair_fraction", "localization_share", "precision_at_k", "prediction_flips",

@@ -36,7 +36,6 @@ Examples:
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from explanations.validation import check_positive
 
 __all__ = [
     "DEFAULT_SURROGATE_BETA",
@@ -138,13 +139,7 @@ def _relu_kind(func: Any, args: tuple, kwargs: dict) -> Literal["out", "in", Non
 
 def check_beta(beta: Any, what: str = "softplus_beta") -> float:
     """``beta`` as a positive finite float, else ValueError naming ``what`` and the value."""
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}={beta!r} must be a positive finite number") from None
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{what}={beta!r} must be a positive finite number")
-    return value
+    return check_positive(beta, what)
 
 
 class SoftplusMode(TorchFunctionMode):

@@ -70,7 +70,10 @@ class AdversarialTraining(Objective):
             target=target, pool=pool, random_start=random_start, step=step, method=method, seed=None,
             legacy=True, surrogate_beta=None,
         )
-        ERAttack(nn.Identity(), **self.attack_config)  # validate the settings now, not mid-epoch
+        try:  # validate the settings now, not mid-epoch (explanations.validation)
+            ERAttack(nn.Identity(), **self.attack_config)
+        except ValueError as exc:
+            raise ValueError(f"objective 'at' (its training attack): {exc}") from None
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
         attack = ERAttack(model, **self.attack_config)

@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from explanations.activations import example_input
 from explanations.explainers import eval_mode
+from explanations.validation import check_images
 
 CAM_METHODS: tuple[str, ...] = ("gradcam", "cam")
 
@@ -232,7 +233,10 @@ def _as_classes(classes: Tensor) -> Tensor:
 
 
 def grad_cam(model: nn.Module, x: Tensor, classes: Tensor, layer: str | nn.Module | None = None) -> Tensor:
-    """Grad-CAM maps before ReLU, at the layer's resolution: (B, m, h, w) for classes (B,) or (B, m)."""
+    """Grad-CAM maps before ReLU, at the layer's resolution: (B, m, h, w) for classes (B,) or (B, m).
+
+    x: images (B, C, H, W) float in [0, 1] (checked); the model runs in eval mode (restored)."""
+    check_images(x)
     classes = _as_classes(classes).to(x.device)
     name, module = resolve_layer(model, layer, x)
     with eval_mode(model), torch.enable_grad(), capture_output(module, as_leaf=True) as store:
@@ -269,8 +273,10 @@ def class_activation_map(
 ) -> Tensor:
     """CAM maps (no ReLU) at the layer's resolution: (B, m, h, w) for classes (B,) or (B, m).
 
-    The layer must be the feature map the (global pool + linear) head reads.
+    The layer must be the feature map the (global pool + linear) head reads. x: images
+    (B, C, H, W) float in [0, 1] (checked); the model runs in eval mode (restored).
     """
+    check_images(x)
     classes = _as_classes(classes).to(x.device)
     name, module = resolve_layer(model, layer, x)
     read = head_input(model, x)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from explanations.attacks import ATTACKS, NOISE_STREAM, UniformNoise, build_attack
-from explanations.explainers import check_method, eval_mode, explain_with_logits, seeded_uniform
+from explanations.explainers import check_method, eval_mode, explain_unchecked, seeded_uniform
 from explanations.ranking_metrics import (
     CORRELATIONS,
     localization_share,
@@ -53,6 +53,7 @@ from explanations.ranking_metrics import (
 )
 from explanations.regularizers import check_pair_set
 from explanations.saliency import check_target, num_features, resolve_k
+from explanations.validation import check_eps, check_images, check_k, check_pool, check_positive_int, check_steps
 
 NOISE = "noise"
 WORST = "worst"
@@ -96,7 +97,8 @@ class AttackSpec:
 def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = True) -> list[AttackSpec]:
     """Ensemble specs from names or ``{name, attack, kwargs}`` dicts (None: the default ensemble).
 
-    ``noise=True`` appends the noise baseline when the list has none; ``False`` removes it.
+    ``noise=True`` appends the noise baseline when the list has none; ``False`` leaves it out of
+    the default ensemble and refuses a given list that names it (the two settings contradict).
     """
     items = list(DEFAULT_ENSEMBLE if attacks is None else attacks)
     valid = sorted([*ATTACKS, NOISE])
@@ -120,6 +122,12 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
     if len(set(names)) != len(names):
         raise ValueError(f"attack names must be unique, got {names}")
     if not noise:
+        named = [s.name for s in specs if s.attack == NOISE]
+        if attacks is not None and named:
+            raise ValueError(
+                f"the attack list names {NOISE!r} (entry {', '.join(map(repr, named))}) but noise_baseline is false "
+                "(noise=False): drop one"
+            )
         specs = [s for s in specs if s.attack != NOISE]
     elif not any(s.attack == NOISE for s in specs):
         specs.append(AttackSpec(NOISE, NOISE))
@@ -223,7 +231,7 @@ class EvaluationProtocol:
     """Attack-ensemble evaluation of explanation rankings (see the module docstring).
 
     Args:
-        eps: l_inf budgets in pixel units (default 1, 2, 4, 8 /255); sorted ascending.
+        eps: l_inf budgets in (0, 1], pixel units (default 1, 2, 4, 8 /255); sorted ascending.
         attacks: ensemble members: names (``er``, ``mse``, ``noise``) or dicts ``{name, attack,
             kwargs}`` (kwargs of the attack class, e.g. ``steps``, ``restarts``, ``surrogate_beta``;
             ``draws`` for noise); None = ERAttack without surrogate, ERAttack with
@@ -231,12 +239,12 @@ class EvaluationProtocol:
             ``surrogate_beta: auto`` resolves per model (explanations.activations); a member whose
             auto surrogate is None (a smooth model) is dropped with a note, since it would equal
             the same attack without one.
-        noise: keep (append) the uniform-noise baseline.
+        noise: keep (append) the uniform-noise baseline; False with a list naming ``noise`` is refused.
         k: top-k size (count, or fraction of the n features). target: ``loss`` or ``logit``.
         pool: saliency pooling (None: pixels). pair_set: ERAttack's J.
         methods, method_kwargs: explanation methods attacked and their options.
         seed: keys every per-sample random draw (with the dataset index).
-        steps: attack steps; attack_kwargs: settings passed to every attack (e.g. step_size).
+        steps: attack steps (>= 1); attack_kwargs: settings passed to every attack (e.g. step_size).
         correlations, localization, thickness: which metrics to compute;
         thickness_samples, thickness_points, thickness_eps: Monte-Carlo thickness settings.
 
@@ -267,9 +275,9 @@ class EvaluationProtocol:
         thickness_points: int = 4,
         thickness_eps: float | None = None,
     ) -> None:
-        eps_list = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
-        if not eps_list or any(not (math.isfinite(e) and 0 <= e <= 1) for e in eps_list):
-            raise ValueError(f"eps={eps!r} must be a budget in [0, 1] (pixel units, e.g. 8/255) or a non-empty list of them")
+        eps_list = [check_eps(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
+        if not eps_list:
+            raise ValueError(f"eps={eps!r} must be a budget in (0, 1] (pixel units, e.g. 8/255) or a non-empty list of them")
         if len(set(eps_list)) != len(eps_list):
             raise ValueError(f"eps={eps!r} lists a budget twice")
         self.eps = sorted(eps_list)
@@ -285,17 +293,13 @@ class EvaluationProtocol:
             check_method(method, self.method_kwargs.get(method))
         check_target(target)
         check_pair_set(pair_set)
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0:
-            raise ValueError(f"k={k!r} must be a positive integer count or a fraction in (0, 1)")
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps={steps!r} must be a non-negative integer")
-        for name, value in (("thickness_samples", thickness_samples), ("thickness_points", thickness_points)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if thickness_eps is not None and not 0 <= thickness_eps <= 1:
-            raise ValueError(f"thickness_eps={thickness_eps!r} must be in [0, 1] (pixel units) or null")
-        if pool is not None and (not isinstance(pool, int) or pool < 1):
-            raise ValueError(f"pool={pool!r} must be a positive integer or null")
+        check_k(k)
+        check_steps(steps)
+        check_positive_int(thickness_samples, "thickness_samples")
+        check_positive_int(thickness_points, "thickness_points")
+        if thickness_eps is not None:
+            check_eps(thickness_eps, "thickness_eps")
+        check_pool(pool)
         self.k, self.target, self.pool, self.pair_set = k, target, (pool if pool and pool > 1 else None), pair_set
         self.seed, self.steps, self.attack_kwargs = int(seed), steps, dict(attack_kwargs or {})
         self.correlations, self.localization, self.thickness = correlations, localization, thickness
@@ -392,6 +396,7 @@ class EvaluationProtocol:
 
         ``should_stop()`` is asked before every attack pass; True raises :class:`EvaluationStopped`.
         """
+        check_images(x)
         specs, notes = self.prepare(model, x)
         x, ids = x.detach(), ids.to(x.device)
         values: dict[str, Tensor] = {}
@@ -401,7 +406,7 @@ class EvaluationProtocol:
         with torch.enable_grad(), eval_mode(model):
             for m_idx, method in enumerate(self.methods):
                 mkw = self.method_kwargs.get(method, {})
-                clean = explain_with_logits(model, x, y, method, self.target, self.pool, **mkw)
+                clean = explain_unchecked(model, x, y, method, self.target, self.pool, **mkw)
                 s0, pred0 = clean.saliency.detach(), clean.logits.detach().argmax(1)
                 classes = pred0 if self.target == "logit" else None
                 if m_idx == 0:
@@ -425,7 +430,7 @@ class EvaluationProtocol:
                             raise EvaluationStopped(f"stopped during the attack {spec.name!r} at eps {eps_label(eps)}")
                         start = time.perf_counter()
                         x_adv = self._build(spec, model, method, eps)(x, y, ids=ids).detach()
-                        adv = explain_with_logits(model, x_adv, y, method, self.target, self.pool, classes=classes, **mkw)
+                        adv = explain_unchecked(model, x_adv, y, method, self.target, self.pool, classes=classes, **mkw)
                         seconds[spec.name] += time.perf_counter() - start
                         s_adv = adv.saliency.detach()
                         row = {"p_at_k": precision_at_k(s0, s_adv, self.k),

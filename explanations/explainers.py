@@ -28,8 +28,15 @@ The explained scalar (``target``): ``loss`` = cross-entropy with the label, or `
 logit of the class predicted at x. For SmoothGrad and IG the *same* class (the one predicted at
 the clean x, or ``classes`` when given) is explained at every noisy or path point.
 
-The caller chooses the model's mode; analysis code uses :func:`eval_mode`. Gradients are taken
-with ``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad`` is never written.
+The public entry points :func:`explain` and :func:`explain_with_logits` check the images once
+(:func:`explanations.validation.check_images`: float (B, C, H, W), finite, in [0, 1]) and run the
+model in eval mode (:func:`eval_mode`, every submodule's flag restored), so a saliency never
+depends on the batch it sits in and BatchNorm statistics never move. :func:`explain_unchecked` is
+the inner pass for callers that checked the images and chose the mode themselves (the attacks'
+loops, the evaluation protocol, the thickness estimate). Training-time regularizers call
+:func:`explanations.saliency.input_gradient` directly and keep the caller's (train) mode.
+Gradients are taken with ``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad``
+is never written.
 
 This module also holds :func:`seeded_uniform` / :func:`seeded_normal`, counter-based noise keyed
 by (seed, stream, sample id): the attacks' random starts, the noise baseline and the thickness
@@ -55,6 +62,12 @@ from explanations.saliency import (
     input_gradient,
     saliency_from_gradient,
     scalar_gradient,
+)
+from explanations.validation import (
+    check_images,
+    check_pool,
+    check_positive_int,
+    check_steps,
 )
 
 METHODS: tuple[str, ...] = ("gradient", "grad_x_input", "smoothgrad", "integrated_gradients")
@@ -140,10 +153,34 @@ def explain_with_logits(
 ) -> Explanation:
     """Saliency (B, n) of ``method`` plus the logits at x, from as few passes as possible.
 
-    ``classes`` (B,): the class whose logit is explained for ``target='logit'`` (default: the
-    class predicted at x). ``method_kwargs``: smoothgrad ``num_samples`` (16), ``noise_std``
-    (0.15, pixel units), ``seed`` (0) or ``generator``; integrated_gradients ``steps`` (16),
-    ``baseline`` (0.0: a float or a tensor broadcastable to x).
+    x: images (B, C, H, W), float, finite, in [0, 1] (checked once). The model runs in eval mode
+    (every submodule's flag restored). ``classes`` (B,): the class whose logit is explained for
+    ``target='logit'`` (default: the class predicted at x). ``method_kwargs``: smoothgrad
+    ``num_samples`` (16), ``noise_std`` (0.15, pixel units), ``seed`` (0) or ``generator``;
+    integrated_gradients ``steps`` (16), ``baseline`` (0.0: a float or a tensor broadcastable to x).
+    """
+    check_images(x)
+    check_pool(pool)
+    with eval_mode(model):
+        return explain_unchecked(model, x, labels, method, target, pool, create_graph, classes, **method_kwargs)
+
+
+def explain_unchecked(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor | None = None,
+    method: str = "gradient",
+    target: str = "loss",
+    pool: int | None = None,
+    create_graph: bool = False,
+    classes: Tensor | None = None,
+    **method_kwargs: Any,
+) -> Explanation:
+    """The pass behind :func:`explain_with_logits` without its image check and eval-mode switch.
+
+    For callers that checked the images once (:func:`explanations.validation.check_images`) and
+    run the model in the mode they chose (the attacks' loops inside their own :func:`eval_mode`,
+    the evaluation protocol, the thickness estimate), so nothing is re-checked per step.
     """
     check_target(target)
     check_method(method, method_kwargs)
@@ -158,9 +195,7 @@ def explain_with_logits(
             return Explanation(saliency_from_gradient(attribution, pool), logits)
 
         if method == "smoothgrad":
-            num = int(method_kwargs.get("num_samples", 16))
-            if num < 1:
-                raise ValueError(f"smoothgrad num_samples={num} must be >= 1")
+            num = check_positive_int(method_kwargs.get("num_samples", 16), "smoothgrad num_samples")
             noise = smoothgrad_noise(
                 tuple(x.shape[1:]), num, float(method_kwargs.get("noise_std", 0.15)),
                 method_kwargs.get("seed", 0), method_kwargs.get("generator"), x.device, x.dtype,
@@ -174,9 +209,7 @@ def explain_with_logits(
             return Explanation(s, logits)
 
         # integrated gradients, right Riemann sum: the last path point is x itself
-        steps = int(method_kwargs.get("steps", 16))
-        if steps < 1:
-            raise ValueError(f"integrated_gradients steps={steps} must be >= 1")
+        steps = check_steps(method_kwargs.get("steps", 16), "integrated_gradients steps")
         baseline = torch.as_tensor(method_kwargs.get("baseline", 0.0), dtype=x.dtype, device=x.device)
         diff = x - baseline
         alphas = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device).div_(steps)
@@ -201,7 +234,8 @@ def explain(
     create_graph: bool = False,
     **method_kwargs: Any,
 ) -> Tensor:
-    """Batched saliency (B, n) of an explanation method (see the module docstring)."""
+    """Batched saliency (B, n) of an explanation method (see the module docstring); images
+    (B, C, H, W) float in [0, 1] (checked), the model in eval mode (restored)."""
     return explain_with_logits(model, x, labels, method, target, pool, create_graph, **method_kwargs).saliency
 
 

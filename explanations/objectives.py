@@ -46,6 +46,7 @@ from explanations.saliency import (
     resolve_k,
     saliency_from_gradient,
 )
+from explanations.validation import check_pool
 
 
 #: Smallest curvature step h whose finite difference survives bf16 autocast (docs/benchmarks.md).
@@ -130,8 +131,7 @@ class ThicknessSurrogate(_InputGradientObjective):
             _check_weight(label, value)
         if not h > 0:
             raise ValueError(f"h={h!r} must be a positive finite-difference step")
-        if pool is not None and pool < 1:
-            raise ValueError(f"pool={pool!r} must be a positive integer or null")
+        check_pool(pool)
         self.gap, self.curvature = gap, curvature
         self.k, self.pair_set, self.minmax_m, self.h = k, pair_set, minmax_m, h
         self.adaptive, self.pool, self.name = adaptive, pool, name

@@ -53,6 +53,7 @@ from explanations.cam import (
 )
 from explanations.explainers import eval_mode
 from explanations.targeted_pgd import check_norm, check_target_rule, perturbation_norm, targeted_pgd
+from explanations.validation import check_eps, check_positive, check_positive_int, check_steps
 
 CATEGORIES: tuple[str, ...] = ("suppression", "balanced", "promotion", "ineffective")
 SUPPRESSION, BALANCED, PROMOTION, INEFFECTIVE = range(4)
@@ -290,7 +291,8 @@ def unit_changes(clean: Tensor, adv: Tensor, threshold: float = 0.2) -> UnitChan
 class PSESettings:
     """Every choice of the analysis (docs/pse.md).
 
-    Attack: eps, steps, step_size (None: 2.5 eps / steps), norm (linf/l2), target_rule
+    Attack: eps (l_inf: in (0, 1], pixel units; l2: a positive radius), steps (>= 1), step_size
+    (None: 2.5 eps / steps), norm (linf/l2), target_rule
     (random/least_likely/second_likely), kappa (C&W confidence), rand_init, early_stop.
     Categories: cutoffs (lo, hi). Population: only_correct (analyse correctly classified samples
     only), include_failed (count failed attacks in the category shares; they are always counted
@@ -321,11 +323,15 @@ class PSESettings:
 
     def __post_init__(self) -> None:
         check_norm(self.norm)
+        self.eps = check_eps(self.eps, norm=self.norm)
+        check_steps(self.steps)
+        if self.step_size is not None:
+            self.step_size = check_positive(self.step_size, "step_size (null: 2.5 eps / steps)")
         check_target_rule(self.target_rule)
         check_cam_method(self.cam_method)
         self.cutoffs = check_cutoffs(self.cutoffs)
-        if self.group_size < 1 or self.group_chunk_size < 1:
-            raise ValueError("group_size and group_chunk_size must be positive integers")
+        check_positive_int(self.group_size, "group_size")
+        check_positive_int(self.group_chunk_size, "group_chunk_size")
         if not 0.0 < self.cam_quantile <= 1.0:
             raise ValueError(f"cam_quantile={self.cam_quantile} must be in (0, 1] (0.2 = top 20%)")
         if self.unit_threshold < 0:

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explanations.pgd import uniform_in_ball
-from explanations.explainers import eval_mode, explain_with_logits
+from explanations.explainers import eval_mode, explain_unchecked
 from explanations.saliency import num_features, ranking, resolve_k, topk_mask
+from explanations.validation import check_eps, check_images, check_pool, check_positive_int
 
 CORRELATIONS: tuple[str, ...] = ("spearman", "kendall")
 
@@ -209,22 +210,26 @@ def thickness_estimates(
     ``mean_d (1/m) [f_d(0)/2 + f_d(t_1) + ... + f_d(t_{m-1}) + f_d(1)/2]`` with f_d(0) = 1 (the
     clean map keeps every pair). Pair sets: ``all`` = (top-k, every other feature), k(n-k)
     pairs; ``boundary`` = (top-k, next k by the clean ranking), the k^2 pairs R2ET's gap term and
-    ERAttack work on. The model runs in eval mode (restored); the m points of one draw are one
+    ERAttack work on. Images x (B, C, H, W) float in [0, 1] and eps in (0, 1] are checked once;
+    the model runs in eval mode (restored); the m points of one draw are one
     batch of m * B images; the draws loop. ``s_clean`` (and ``classes`` for ``target='logit'``)
     reuse a clean pass already made; it must come from the same method and settings.
     """
     unknown = [p for p in pairs if p not in THICKNESS_PAIRS]
     if unknown or not pairs:
         raise ValueError(f"pairs={pairs!r}: each must be one of {THICKNESS_PAIRS}")
-    if num_samples < 1 or num_points < 1:
-        raise ValueError(f"num_samples={num_samples} and num_points={num_points} must be >= 1")
+    check_images(x)
+    check_eps(eps)
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(num_points, "num_points")
+    check_pool(pool)
     method_kwargs = dict(method_kwargs or {})
     b = x.shape[0]
     x = x.detach()
     kk = resolve_k(k, num_features(*x.shape[-2:], pool))
     with eval_mode(model):
         if s_clean is None or (target == "logit" and classes is None):
-            clean = explain_with_logits(model, x, labels, method, target, pool, **method_kwargs)
+            clean = explain_unchecked(model, x, labels, method, target, pool, **method_kwargs)
             s0 = clean.saliency.detach() if s_clean is None else s_clean.detach()
             classes = clean.logits.detach().argmax(1) if classes is None else classes
         else:
@@ -243,7 +248,7 @@ def thickness_estimates(
         for draw in range(num_samples):
             end = uniform_in_ball(x, eps, ids, seed, stream=1000 + draw)
             points = (x.unsqueeze(0) + ts.view(-1, 1, 1, 1, 1) * (end - x).unsqueeze(0)).reshape(-1, *x.shape[1:])
-            s = explain_with_logits(
+            s = explain_unchecked(
                 model, points, labels_rep, method, target, pool, classes=classes_rep,
                 **method_kwargs,
             ).saliency.detach()

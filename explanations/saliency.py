@@ -4,7 +4,8 @@ For an image x (B x C x H x W) and an explained scalar l, the gradient is g(x) =
 saliency map is s(x) = sum_c |g_c(x)|, a map of H x W features flattened to n = H * W (or
 (H/p) * (W/p) with p x p average pooling). Everything is batched: one backward pass serves the
 whole batch because sample i's scalar depends on sample i's input only (the model must be in eval
-mode, or free of batch-coupling layers, for that to hold exactly).
+mode, or free of batch-coupling layers, for that to hold exactly: :func:`saliency` runs it in eval
+mode; :func:`input_gradient`, the training-time helper, keeps the caller's mode).
 """
 
 from __future__ import annotations
@@ -130,8 +131,12 @@ def saliency(
     pool: int | None = None,
     create_graph: bool = False,
 ) -> Tensor:
-    """Batched saliency map s(x): (B, C, H, W) -> (B, n)."""
-    return saliency_from_gradient(input_gradient(model, x, labels, target, create_graph).grad, pool)
+    """Batched saliency map s(x): (B, C, H, W) -> (B, n); the ``gradient`` method of
+    :func:`explanations.explainers.explain` (images checked, the model in eval mode, restored).
+    Training code that needs the caller's mode uses :func:`input_gradient`."""
+    from explanations.explainers import explain  # explainers builds on this module
+
+    return explain(model, x, labels, "gradient", target, pool, create_graph)
 
 
 def ranking(s: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from explanations.explainers import eval_mode
 from explanations.pgd import NORMS, check_norm, per_sample_norm
 from explanations.pgd import project_delta as project
 from explanations.pgd import random_start
+from explanations.validation import check_eps, check_images, check_positive, check_steps
 
 TARGET_RULES: tuple[str, ...] = ("random", "least_likely", "second_likely")
 
@@ -130,7 +131,9 @@ def targeted_pgd(
     uniform: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> TargetedAttack:
-    """Targeted PGD on the C&W margin for a batch x (B, C, H, W) in [0, 1].
+    """Targeted PGD on the C&W margin for a batch x (B, C, H, W) in [0, 1] (float, finite; checked).
+
+    ``eps``: l_inf radius in (0, 1] (pixel units) or a positive l2 radius; ``steps`` >= 1.
 
     Give ``targets`` (B,) directly, or ``labels`` (B,) and a ``target_rule`` (``uniform`` /
     ``generator`` fix the ``random`` rule's draw). ``step_size`` defaults to 2.5 eps / steps
@@ -138,8 +141,11 @@ def targeted_pgd(
     ``rand_init`` starts from a uniform point of the ball instead of x.
     """
     check_norm(norm)
-    if eps < 0 or steps < 0:
-        raise ValueError(f"eps={eps} and steps={steps} must be non-negative")
+    check_images(x)
+    eps = check_eps(eps, norm=norm)
+    check_steps(steps)
+    if step_size is not None:
+        check_positive(step_size, "step_size (None: 2.5 eps / steps)")
     if kappa < 0:
         raise ValueError(f"kappa={kappa} must be non-negative")
     alpha = default_step_size(eps, steps) if step_size is None else float(step_size)

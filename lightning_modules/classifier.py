@@ -28,6 +28,7 @@ from explanations.lean_layers import use_lean_layers
 from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
 from explanations.precision import set_tf32, tf32_flags
 from explanations.saliency import num_features
+from explanations.validation import check_k, check_pool
 from lightning_modules.backbones import build_backbone, check_pending_output
 from lightning_modules.checkpoints import (
     architecture_differences,
@@ -369,21 +370,6 @@ OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_k(k: object, name: str = "k") -> None:
-    """One rule for ``k``: an int >= 1 is a count of features, a float in (0, 1) a fraction of them.
-
-    A float that is a whole number (``1.0``, ``100.0``) is refused: it reads as "all features" to
-    some and as "one feature" to others; write ``k: 1`` (count) or ``k: 0.5`` (fraction).
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise ValueError(f"{name}={k!r} is not valid: give an integer count >= 1 or a fraction in (0, 1)")
-    if isinstance(k, float) and not 0.0 < k < 1.0:
-        hint = f" (for a count write {name}: {int(k)})" if k.is_integer() and k >= 1 else ""
-        raise ValueError(f"{name}={k!r} is not valid: a float k is a fraction of the features and must be in (0, 1){hint}; an integer k >= 1 is a count")
-    if isinstance(k, int) and k < 1:
-        raise ValueError(f"{name}={k!r} is not valid: give an integer count >= 1 or a fraction in (0, 1)")
-
-
 def check_objective_settings(
     objective: str, k: object, pool: int | None, objective_kwargs: dict[str, Any] | None
 ) -> None:
@@ -395,8 +381,7 @@ def check_objective_settings(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
     check_k(k)
-    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
-        raise ValueError(f"pool={pool!r} is not valid: give null (no pooling) or an integer >= 1 that divides the image size")
+    check_pool(pool)
     if objective_kwargs is not None and not isinstance(objective_kwargs, dict):
         raise ValueError(f"objective_kwargs={objective_kwargs!r} must be a mapping of option names to values")
     valid = OBJECTIVE_OPTIONS.get(objective)

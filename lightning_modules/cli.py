@@ -166,7 +166,7 @@ class RobustCLI(LightningCLI):
                 "SyncBatchNorm does not support double backward; set trainer.sync_batchnorm: false"
             )
         self._check_callback_flags(trainer)
-        self._check_batch_limits(trainer)
+        check_batch_limits(self.subcommand, trainer, getattr(self, "_integer_limits", {}))
         check_output_dirs(trainer)  # before the loggers exist: their constructors may write
         if self.subcommand in ("validate", "test"):
             self._check_what_is_evaluated(config)
@@ -177,17 +177,6 @@ class RobustCLI(LightningCLI):
                 "its double backprop needs the input gradient unscaled, which fp16 loss scaling does not "
                 "protect from underflow; use trainer.precision: bf16-mixed or 32-true"
             )
-
-    def _check_batch_limits(self, trainer: Any) -> None:
-        """A batch limit of 0 for the loop a subcommand runs does nothing and exits 0: refuse it."""
-        loops = {"fit": ("limit_train_batches",), "validate": ("limit_val_batches",), "test": ("limit_test_batches",)}
-        for key in loops.get(self.subcommand, ()):
-            value = self._integer_limits.get(key, trainer.get(key)) if hasattr(self, "_integer_limits") else trainer.get(key)
-            if value is not None and not isinstance(value, bool) and float(value) == 0:
-                raise SystemExit(
-                    f"error: trainer.{key}={value!r} runs no batch, so `{self.subcommand}` would do nothing and "
-                    "exit 0; give an integer >= 1 (a count of batches) or a fraction in (0, 1] (1.0 = all)"
-                )
 
     def _check_what_is_evaluated(self, config: Any) -> None:
         """validate/test: refuse a model without trained weights, and a checkpoint or external weights
@@ -428,6 +417,32 @@ def check_config_files(args: list[str]) -> None:
 
 
 _LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "overfit_batches")
+#: The batch limit that decides whether a subcommand does any work at all.
+_WORK_LIMITS = {"fit": ("limit_train_batches",), "validate": ("limit_val_batches",), "test": ("limit_test_batches",)}
+
+
+def check_batch_limits(subcommand: str | None, trainer: Any, written: dict[str, int] | None = None) -> None:
+    """Refuse a batch limit of 0 (or below) that leaves the subcommand nothing to do: ``fit`` with
+    ``limit_train_batches: 0`` trains nothing, ``validate`` with ``limit_val_batches: 0`` and
+    ``test`` with ``limit_test_batches: 0`` evaluate nothing, and each would exit 0.
+    (``limit_val_batches: 0`` in ``fit`` is the usual way to skip validation and stays valid;
+    ``overfit_batches > 0`` replaces the train and val limits.) ``written``: the limits as integers
+    where the user wrote integers (:func:`integer_batch_limits`), to name the value as written."""
+    trainer = trainer or {}
+    overfit = trainer.get("overfit_batches")
+    for key in _WORK_LIMITS.get(subcommand or "", ()):
+        if key != "limit_test_batches" and isinstance(overfit, (int, float)) and overfit > 0:
+            continue  # overfit_batches replaces the train and val limits
+        value = trainer.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value <= 0:
+            if (written or {}).get(key) == value:
+                value = written[key]
+            raise SystemExit(
+                f"error: trainer.{key}={value!r} gives `{subcommand}` no batch to run (it would do nothing and "
+                f"exit 0); valid: an integer >= 1 (batches) or a fraction in (0, 1] (of the batches)"
+            )
 
 
 def integer_batch_limits(args: list[str]) -> dict[str, int]:

@@ -16,7 +16,8 @@ import yaml
 from callbacks.summary import FinalSummary, explain_nan
 from lightning_modules.backbones import build_backbone
 from lightning_modules.checkpoints import AtomicCheckpointIO, hparams_differences, read_checkpoint
-from lightning_modules.classifier import RobustClassifier, check_k
+from explanations.validation import check_k
+from lightning_modules.classifier import RobustClassifier
 from lightning_modules.cli import integer_batch_limits, main
 from tests.conftest import ROOT, TINY_MODEL, tiny_cli_config
 
@@ -98,6 +99,65 @@ def test_num_classes_against_the_data_fails_before_wandb_starts(tiny_config, tmp
 
 def test_in_chans_against_the_data(tiny_config):
     _fails(["fit", "-c", str(tiny_config(model={"in_chans": 1}))], r"model\.in_chans=1 but the data .* has in_chans=3")
+
+
+# ------------------------------------------------------------------------ attack budgets (explanations.validation)
+def _callback(name: str, **init_args) -> dict:
+    return {"trainer": {"callbacks": [{"class_path": f"callbacks.{name}", "init_args": init_args}]}}
+
+
+def test_zero_attack_steps_in_the_evaluation_is_refused(tiny_config, monkeypatch):
+    calls = _record(monkeypatch, "validate")
+    with pytest.raises(ValueError, match=r"steps=0 must be an integer >= 1 \(0 steps is no attack"):
+        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", steps=0))), "--allow_random_weights", "true"])
+    with pytest.raises(ValueError, match="eps=0 is no attack"):
+        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", eps=[0.0, 0.0313725]))),
+              "--allow_random_weights", "true"])
+    assert not calls
+
+
+def test_pixel_unit_eps_and_zero_steps_in_the_pse_analysis_are_refused(tiny_config):
+    with pytest.raises(ValueError, match=r"eps=8\.0 is in pixel units of \[0, 1\]; did you mean 8/255 = 0\.0314\?"):
+        main(["fit", "-c", str(tiny_config(**_callback("PSEAnalysis", eps=8)))])
+    with pytest.raises(ValueError, match=r"steps=0 must be an integer >= 1"):
+        main(["fit", "-c", str(tiny_config(**_callback("PSEAnalysis", steps=0)))])
+
+
+def test_noise_attack_with_noise_baseline_false_is_a_conflict(tiny_config):
+    with pytest.raises(ValueError, match=r"the attack list names 'noise' .* but noise_baseline is false .*: drop one"):
+        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", attacks=["er", "noise"],
+                                                            noise_baseline=False))), "--allow_random_weights", "true"])
+
+
+def test_zero_steps_for_adversarial_training_is_refused(tiny_config):
+    with pytest.raises(ValueError, match=r"objective 'at' \(its training attack\): steps=0 must be an integer >= 1"):
+        main(["fit", "-c", str(tiny_config(model={"objective": "at", "objective_kwargs": {"steps": 0}}))])
+
+
+def test_pse_report_refuses_pixel_unit_eps(capsys):
+    from benchmarks.pse_report import main as pse_report
+
+    with pytest.raises(SystemExit) as info:
+        pse_report(["--ckpt", "missing.ckpt", "--out", "unused", "--eps", "8"])
+    assert info.value.code == 2
+    assert "eps=8.0 is in pixel units of [0, 1]; did you mean 8/255 = 0.0314?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "limit"), [("fit", "limit_train_batches"), ("validate", "limit_val_batches"),
+                                                ("test", "limit_test_batches")])
+@pytest.mark.parametrize("value", ["0", "0.0"])
+def test_a_batch_limit_of_zero_that_leaves_nothing_to_do_is_refused(tiny_config, monkeypatch, command, limit, value):
+    calls = _record(monkeypatch, command)
+    _fails([command, "-c", str(tiny_config()), f"--trainer.{limit}", value],
+           rf"trainer\.{limit}={value} gives `{command}` no batch to run \(it would do nothing and exit 0\); "
+           r"valid: an integer >= 1 \(batches\) or a fraction in \(0, 1\]")
+    assert not calls
+
+
+def test_zero_val_batches_in_fit_still_skips_validation(tiny_config, monkeypatch):
+    calls = _record(monkeypatch, "fit")
+    main(["fit", "-c", str(tiny_config()), "--trainer.limit_val_batches", "0"])
+    assert calls and calls[-1]["trainer"].limit_val_batches == 0
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -367,13 +427,3 @@ def test_config_file_with_a_duplicated_key_is_refused(tiny_config, tmp_path):
     path.write_text(text)
     _fails(["fit", "-c", str(path)], rf"config file {path}: the key 'k' appears twice in one mapping "
                                      r"\(lines \d+ and \d+\); YAML would silently keep the last one")
-
-
-@pytest.mark.parametrize("sub, key", [("fit", "limit_train_batches"), ("validate", "limit_val_batches"),
-                                      ("test", "limit_test_batches")])
-def test_a_batch_limit_of_zero_is_refused(tiny_config, monkeypatch, sub, key):
-    calls = _record(monkeypatch, sub)
-    _fails([sub, "-c", str(tiny_config()), f"--trainer.{key}", "0", "--allow_random_weights", "true"] if sub != "fit"
-           else [sub, "-c", str(tiny_config()), f"--trainer.{key}", "0"],
-           rf"trainer.{key}=0 runs no batch, so `{sub}` would do nothing and exit 0")
-    assert not calls

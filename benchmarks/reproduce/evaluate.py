@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from explanations.attacks import PaperERAttack
 from explanations.evaluation import NOISE, WORST, EvaluationProtocol, eps_tag, iter_batches, pse_target_uniform
-from explanations.explainers import eval_mode, explain_with_logits
+from explanations.explainers import eval_mode, explain_unchecked, explain_with_logits
 from explanations.ranking_metrics import precision_at_k
 from explanations.pse import PSESettings, add_sums, analyze_batch, batch_sums, summarize
 
@@ -93,13 +93,15 @@ class Evaluator:
     def __init__(self, net: nn.Module, cfg: EvalConfig, k: int | float, pool: int | None, relu: bool, device) -> None:
         self.net, self.cfg, self.k, self.pool, self.relu, self.device = net, cfg, k, pool, relu, device
 
-    def _protocol(self, eps: float, attacks: list, steps: int = 0, method: str = "gradient",
+    def _protocol(self, eps: float, attacks: list, steps: int | None = None, method: str = "gradient",
                   method_kwargs: dict[str, Any] | None = None, noise: bool = False, thickness: bool = False,
                   thickness_eps: float | None = None) -> EvaluationProtocol:
+        """``steps=None``: the noise-only protocols, whose ensemble takes no steps (the protocol's
+        default is kept; steps >= 1 is the rule, 0 would be no attack)."""
         return EvaluationProtocol(
             eps=[eps], attacks=attacks, noise=noise, k=self.k, target="loss", pool=self.pool, methods=[method],
             method_kwargs={method: dict(method_kwargs)} if method_kwargs else None, seed=self.cfg.seed,
-            steps=steps, localization=False, thickness=thickness, thickness_samples=self.cfg.thickness_samples,
+            **({} if steps is None else {"steps": steps}), localization=False, thickness=thickness, thickness_samples=self.cfg.thickness_samples,
             thickness_points=self.cfg.thickness_points, thickness_eps=thickness_eps,
         )
 
@@ -284,7 +286,8 @@ def paper_column(net: nn.Module, data: ImageSet, cfg: EvalConfig, k: int | float
             with torch.enable_grad():
                 x_adv = attack(x, y).detach()
                 s0 = explain_with_logits(net, x, y, "gradient", "loss", cfg_pool).saliency.detach()
-                s1 = explain_with_logits(net, x_adv, y, "gradient", "loss", cfg_pool).saliency.detach()
+                # the reference threat model leaves [0, 1] (no pixel clipping): its images skip the check
+                s1 = explain_unchecked(net, x_adv, y, "gradient", "loss", cfg_pool).saliency.detach()
             with torch.no_grad():
                 flips.append((net(x_adv).argmax(1) != net(x).argmax(1)).float().cpu())
             pk.append(precision_at_k(s0, s1, k).cpu())

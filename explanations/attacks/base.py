@@ -61,11 +61,19 @@ from torch import Tensor, nn
 
 from explanations.activations import SoftplusMode, check_beta, resolve_surrogate
 from explanations.attacks.schedule import ALPHA, RHO, apgd_checkpoints
-from explanations.explainers import Explanation, check_method, eval_mode, explain_with_logits
+from explanations.explainers import Explanation, check_method, eval_mode, explain_unchecked
 from explanations.pgd import project, uniform_in_ball
 from explanations.ranking_metrics import metric_dtype, precision_at_k
 from explanations.regularizers import check_pair_set, default_minmax_m
 from explanations.saliency import check_target, num_features, resolve_k
+from explanations.validation import (
+    check_eps,
+    check_images,
+    check_pool,
+    check_positive,
+    check_positive_int,
+    check_steps,
+)
 
 STEPS: tuple[str, ...] = ("sign", "l2")
 
@@ -90,7 +98,7 @@ class RankingAttack:
 
     Args:
         model: classifier mapping images in [0, 1] to logits.
-        eps: l_inf radius (pixel units, e.g. 8/255). steps: steps per restart T.
+        eps: l_inf radius in (0, 1] (pixel units, e.g. 8/255). steps: steps per restart T >= 1.
         step_size: None = APGD schedule; a float = fixed step (l_inf units). step: ``sign``/``l2``.
         k: top-k size (int or fraction of the n features). pair_set, minmax_m: ERAttack's J.
         method, method_kwargs: explanation method attacked (``explanations.explainers``).
@@ -103,6 +111,8 @@ class RankingAttack:
     Returns:
         ``attack(images, labels=None, ids=None, x_init=None)``: attacked images (B, C, H, W),
         detached, same dtype/device, in the ball and in [0, 1], with every prediction kept.
+        ``images`` must be float (B, C, H, W), finite, in [0, 1]
+        (:func:`explanations.validation.check_images`, once per call, not per step).
 
     Examples:
         >>> attack = ERAttack(model, eps=8 / 255, steps=20, k=0.1)
@@ -133,16 +143,14 @@ class RankingAttack:
         restarts: int = 1,
         legacy: bool = False,
     ) -> None:
-        if not eps >= 0:
-            raise ValueError(f"eps={eps!r} must be a non-negative budget in pixel units")
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps={steps!r} must be a non-negative integer")
+        steps = check_steps(steps)
+        eps = self._check_eps(eps)
         if step not in STEPS:
             raise ValueError(f"step={step!r} is not known; valid: {STEPS}")
-        if step_size is not None and not step_size > 0:
-            raise ValueError(f"step_size={step_size!r} must be a positive number, or None for the APGD schedule")
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts={restarts!r} must be an integer >= 1")
+        if step_size is not None:
+            check_positive(step_size, "step_size (None: the APGD schedule)")
+        check_pool(pool)
+        check_positive_int(restarts, "restarts")
         if legacy and restarts != 1:
             raise ValueError(f"restarts={restarts} needs the best-iterate attack; legacy=True runs one start")
         if isinstance(surrogate_beta, str):
@@ -156,7 +164,7 @@ class RankingAttack:
         self.model, self.eps, self.steps = model, float(eps), steps
         self.legacy = bool(legacy)
         if step_size is None and self.legacy:
-            step_size = 2.5 * self.eps / max(steps, 1)
+            step_size = 2.5 * self.eps / steps
         self.step_size = None if step_size is None else float(step_size)
         self.k, self.pair_set, self.minmax_m = k, pair_set, minmax_m
         self.method, self.method_kwargs = method, dict(method_kwargs or {})
@@ -182,6 +190,10 @@ class RankingAttack:
         )
 
     # ------------------------------------------------------------------ hooks for subclasses
+    def _check_eps(self, eps: float) -> float:
+        """The budget as a float: an l_inf radius in (0, 1], pixel units."""
+        return check_eps(eps)
+
     def _reference(self, s_clean: Tensor, k: int) -> Tensor:
         """What the objective compares against, from the clean saliency (detached)."""
         raise NotImplementedError
@@ -213,7 +225,7 @@ class RankingAttack:
 
     # ------------------------------------------------------------------ passes
     def _explain(self, x: Tensor, labels: Tensor | None, create_graph: bool, classes: Tensor | None) -> Explanation:
-        return explain_with_logits(
+        return explain_unchecked(
             self.model, x, labels, self.method, self.target, self.pool, create_graph, classes=classes,
             **self.method_kwargs,
         )
@@ -237,8 +249,8 @@ class RankingAttack:
         return k
 
     def _check_call(self, images: Tensor, labels: Tensor | None) -> None:
-        if images.dim() != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+        """Once per call (never inside the loop): the image contract and the labels."""
+        check_images(images)
         if self.target == "loss" and labels is None:
             raise ValueError("target='loss' needs labels: call attack(images, labels)")
 
@@ -321,9 +333,7 @@ class RankingAttack:
         if torch.equal(start, x0):
             obj, p, ok, g = obj0, p0, torch.ones_like(p0, dtype=torch.bool), g0
         else:
-            obj, p, ok, g = evaluate(start, need_grad=self.steps > 0)
-            if g is None:
-                g = g0
+            obj, p, ok, g = evaluate(start)
         # the run's best starts as the clean image; a start that flips falls back to it
         start_better = ok & _better(p, obj, p0, obj0)
         ax, ag = _where(start_better, start, x0), _where(start_better, g, g0)
@@ -386,7 +396,7 @@ class RankingAttack:
             beta = self.surrogate = self._surrogate_for(x0)
             x_cur = self._start(x0, ids, 0).clone()
             pred0 = reference = None
-            if self.steps == 0 or beta is not None or not torch.equal(x_cur, x0):
+            if beta is not None or not torch.equal(x_cur, x0):
                 clean = self._explain(x0, labels, False, None)
                 pred0 = clean.logits.detach().argmax(1)
                 reference = self._reference(clean.saliency.detach(), k)

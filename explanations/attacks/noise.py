@@ -20,10 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from explanations.explainers import check_method, eval_mode, explain_with_logits
+from explanations.explainers import check_method, eval_mode, explain_unchecked
 from explanations.pgd import uniform_in_ball
 from explanations.ranking_metrics import precision_at_k
 from explanations.saliency import check_target, num_features, resolve_k
+from explanations.validation import (
+    check_eps,
+    check_images,
+    check_pool,
+    check_positive_int,
+)
 
 #: Stream of the noise baseline's draws (draw j uses NOISE_STREAM + j).
 NOISE_STREAM = 500
@@ -33,13 +39,14 @@ class UniformNoise:
     """Uniform noise in the l_inf ball, prediction kept (see the module docstring).
 
     Args:
-        model: classifier in pixel space. eps: l_inf radius. seed: noise seed (None: global RNG).
+        model: classifier in pixel space. eps: l_inf radius in (0, 1] (pixel units). seed: noise seed (None: global RNG).
         k, method, method_kwargs, target, pool: how P@k is measured (as for the attacks).
         draws: noise draws per sample (>= 1). stream: first stream of the draws.
         keep_prediction: discard draws that flip the prediction (see the module docstring).
 
     Returns:
-        ``noise(images, labels=None, ids=None)``: noisy images (B, C, H, W); after a call
+        ``noise(images, labels=None, ids=None)``: noisy images (B, C, H, W) (``images``: float,
+        finite, in [0, 1], checked once per call); after a call
         ``p_at_k`` (B,), ``flipped`` (B,) (every draw flipped), ``steps_taken`` (zeros) and
         ``clean_logits`` (B, K) as for the attacks.
 
@@ -54,10 +61,9 @@ class UniformNoise:
         method: str = "gradient", method_kwargs: dict[str, Any] | None = None, target: str = "loss",
         pool: int | None = None, draws: int = 1, stream: int = NOISE_STREAM, keep_prediction: bool = True,
     ) -> None:
-        if not eps >= 0:
-            raise ValueError(f"eps={eps!r} must be a non-negative budget in pixel units")
-        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-            raise ValueError(f"draws={draws!r} must be an integer >= 1")
+        eps = check_eps(eps)
+        check_positive_int(draws, "draws")
+        check_pool(pool)
         if not keep_prediction and draws != 1:
             raise ValueError(f"draws={draws} needs keep_prediction=True (without it only the first draw is used)")
         check_target(target)
@@ -72,13 +78,12 @@ class UniformNoise:
         return f"UniformNoise(eps={self.eps:.4g}, seed={self.seed}, draws={self.draws}, k={self.k})"
 
     def _explain(self, x: Tensor, labels: Tensor | None, classes: Tensor | None):
-        return explain_with_logits(self.model, x, labels, self.method, self.target, self.pool,
+        return explain_unchecked(self.model, x, labels, self.method, self.target, self.pool,
                                    classes=classes, **self.method_kwargs)
 
     def __call__(self, images: Tensor, labels: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
         """Noisy images (B, C, H, W), detached, every prediction kept."""
-        if images.dim() != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+        check_images(images)
         if self.target == "loss" and labels is None:
             raise ValueError("target='loss' needs labels: call noise(images, labels)")
         x0 = images.detach()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from explanations.attacks.er import ERAttack
+from explanations.validation import check_positive, check_steps
 
 
 class PaperERAttack(ERAttack):
@@ -51,16 +52,29 @@ class PaperERAttack(ERAttack):
         clip: bool = False, target: str = "loss", surrogate_beta: float | str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_steps(steps)
+        check_positive(step_size, "step_size")
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        self.std = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if not bool((self.std > 0).all()):
+            raise ValueError(f"std={std!r} must be positive")
         super().__init__(
             model, eps=steps * step_size, steps=steps, step_size=step_size, k=k, pair_set="boundary",
             step="l2", target=target, random_start=False, surrogate_beta=surrogate_beta,
             legacy=first_flip, **kwargs,
         )
-        self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
-        self.std = torch.as_tensor(std, dtype=torch.float64).flatten()
-        if not bool((self.std > 0).all()):
-            raise ValueError(f"std={std!r} must be positive")
         self.clip = bool(clip)
+
+    def _check_eps(self, eps: float) -> float:
+        """The box radius steps * step_size is in normalised units: its widest pixel-unit side,
+        radius * max(std), must be a budget in (0, 1]."""
+        widest = float(eps) * float(self.std.max())
+        if not 0.0 < widest <= 1.0:
+            raise ValueError(
+                f"steps * step_size = {eps:g} normalised units is a box of radius {widest:.4g} in pixel units "
+                f"(times max(std) = {float(self.std.max()):g}); it must be in (0, 1]: lower steps or step_size"
+            )
+        return float(eps)
 
     def _scale(self, like: Tensor) -> Tensor:
         return self.std.to(like.device, like.dtype).view(1, -1, *([1] * (like.dim() - 2)))

@@ -205,10 +205,12 @@ def test_bad_settings_fail_at_construction_naming_value_and_choices():
         RankingRobustness(methods=["lrp"])
     with pytest.raises(ValueError, match="not in methods"):
         RankingRobustness(method_kwargs={"smoothgrad": {"num_samples": 2}})
-    with pytest.raises(ValueError, match=r"eps=\[-0.1\]"):
+    with pytest.raises(ValueError, match=r"eps=-0.1 is not valid; valid: \(0, 1\]"):
         RankingRobustness(eps=[-0.1])
-    with pytest.raises(ValueError, match=r"eps=8 must be a budget in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"eps=8 is in pixel units of \[0, 1\]; did you mean 8/255 = 0\.0314\?"):
         RankingRobustness(eps=8)
+    with pytest.raises(ValueError, match=r"steps=0 must be an integer >= 1"):
+        RankingRobustness(steps=0)
     with pytest.raises(ValueError, match="unknown keys"):
         RankingRobustness(attacks=[{"name": "er2", "attack": "er", "kwrgs": {}}])
     with pytest.raises(ValueError, match="unique"):

@@ -155,15 +155,6 @@ def test_mode_restored_and_parameter_grads_untouched():
     assert torch.equal(model[1].running_mean, running)
 
 
-def test_zero_budget_and_zero_steps_return_the_input():
-    model = small_double_model()
-    x, y = double_data()
-    torch.testing.assert_close(ERAttack(model, eps=0.0, steps=3, k=5)(x, y), x)
-    torch.testing.assert_close(ERAttack(model, eps=8 / 255, steps=0, k=5)(x, y), x)
-    start = ERAttack(model, eps=8 / 255, steps=0, k=5, random_start=True, legacy=True)(x, y)
-    assert (start - x).abs().max() <= 8 / 255 + 1e-9 and not torch.equal(start, x)
-
-
 def test_surrogate_gives_relu_networks_a_logit_attack():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -138,8 +138,8 @@ def model_and_images(draw):
 @given(
     model_and_images(),
     st.sampled_from([ERAttack, MSEAttack]),
-    st.floats(0.0, 16 / 255),
-    st.integers(0, 3),
+    st.floats(0.0, 16 / 255, exclude_min=True),  # eps = 0 and steps = 0 are refused (no attack)
+    st.integers(1, 3),
     st.sampled_from(["sign", "l2"]),
     st.booleans(),
     st.sampled_from([1, 8, 0.25, 64]),
@@ -158,14 +158,12 @@ def test_attack_outputs_stay_in_eps_ball_and_unit_box(case, attack_cls, eps, ste
 
 
 @FAST
-@given(model_and_images(), st.floats(0.0, 16 / 255), st.sampled_from([1, 5, 0.5, 64]))
+@given(model_and_images(), st.floats(0.0, 16 / 255, exclude_min=True), st.sampled_from([1, 5, 0.5, 64]))
 def test_topk_thickness_in_unit_interval(case, eps, k):
     model, x, labels = case
     t = topk_thickness(model, x, labels, k, eps=eps, num_samples=2, num_points=2)
     assert t.shape == (x.shape[0],) and torch.isfinite(t).all()
     assert ((t >= 0) & (t <= 1)).all()
-    if eps == 0.0:  # no perturbation: the clean order is kept
-        assert torch.allclose(t, torch.ones_like(t))
 
 
 finite = st.floats(-5, 5, allow_nan=False, width=32)
