@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 from explanations.attacks import ERAttack
+from explanations.evaluation import ProtocolSettings
 
-DEFAULT_CALLBACK_ARGS = dict(every_n_epochs=1, num_samples=64, batch_size=64, steps=10, attacks=["er"],
-                             methods=["gradient"], thickness_samples=2, thickness_points=4)
+DEFAULT_CALLBACK_ARGS = dict(every_n_epochs=1, num_samples=64, batch_size=64, protocol=ProtocolSettings(
+    steps=10, attacks=["er"], methods=["gradient"], thickness_samples=2, thickness_points=4))
 
 
 def default_model() -> nn.Module:

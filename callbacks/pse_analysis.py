@@ -453,7 +453,7 @@ def analyze_checkpoint(
 
     from lightning_modules.reliability import ensure_writable_dir
 
-    ensure_writable_dir(out_dir, "PSE report folder (--out)")  # a bad --out fails now, not after the attacks
+    ensure_writable_dir(out_dir, "PSE report folder", "--out")  # a bad --out fails now, not after the attacks
     settings = settings or PSESettings()
     module = RobustClassifier.load_from_checkpoint(
         str(ckpt), map_location=device, init_from=None, pretrained=False, weights_file=None

@@ -53,11 +53,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.base import EvaluationCallback, line_series
 from explanations.evaluation import (
-    DEFAULT_EPS,
     WORST,
     EvaluationProtocol,
     EvaluationResult,
     EvaluationStopped,
+    ProtocolSettings,
     eps_label,
     means_from_sums,
     moment_sums,
@@ -83,17 +83,15 @@ class RankingRobustness(EvaluationCallback):
     """Run the evaluation protocol on a fixed validation (or test) subset and log the results.
 
     Args:
-        every_n_epochs, num_samples, batch_size, seed: see ``callbacks.base.EvaluationCallback``.
-        eps: l_inf budget(s) in pixel units (default 1, 2, 4, 8 /255).
-        attacks: ensemble members (names or ``{name, attack, kwargs}``); null = ERAttack,
-            ERAttack with ``surrogate_beta: auto``, MSEAttack, noise (``explanations.evaluation``).
-        noise_baseline: include uniform noise of each eps (attack ``noise``).
-        methods, method_kwargs: explanation methods and their options.
-        steps: attack steps; step_size, step, random_start: passed to every attack when set.
-        k, pair_set, target, pool: see the module docstring (null = the LightningModule's).
-        correlations, localization, thickness, thickness_samples, thickness_points,
-            thickness_eps: metrics (see ``EvaluationProtocol``).
+        every_n_epochs, num_samples, batch_size: see ``callbacks.base.EvaluationCallback``.
+        protocol: the evaluation settings, :class:`explanations.evaluation.ProtocolSettings`
+            (budgets, ensemble, steps, k, ...; its ``seed`` also picks the images); k, target,
+            pool and pair_set left null are the LightningModule's (``hparams``).
         log_images, num_images: W&B saliency grids. report, report_dir: write the report files.
+
+    Examples:
+        ``{class_path: callbacks.RankingRobustness, init_args: {num_samples: 64, protocol: {eps:
+        [0.0078431, 0.0313725], steps: 10}}}``; a flag: ``--trainer.callbacks.protocol.steps=100``.
     """
 
     def __init__(
@@ -101,43 +99,15 @@ class RankingRobustness(EvaluationCallback):
         every_n_epochs: int = 1,
         num_samples: int = 64,
         batch_size: int = 64,
-        seed: int = 0,
-        eps: float | list[float] = list(DEFAULT_EPS),
-        attacks: list[str | dict[str, Any]] | None = None,
-        noise_baseline: bool = True,
-        methods: list[str] | None = None,
-        method_kwargs: dict[str, dict[str, Any]] | None = None,
-        steps: int = 10,
-        step_size: float | None = None,
-        step: str | None = None,
-        random_start: bool | None = None,
-        k: int | float | None = None,
-        pair_set: str | None = None,
-        target: str | None = None,
-        pool: int | None = None,
-        correlations: bool = True,
-        localization: bool = True,
-        thickness: bool = True,
-        thickness_samples: int = 2,
-        thickness_points: int = 4,
-        thickness_eps: float | None = None,
+        protocol: ProtocolSettings | None = None,
         log_images: bool = True,
         num_images: int = 8,
         report: bool = False,
         report_dir: str | None = None,
     ) -> None:
-        super().__init__(every_n_epochs, num_samples, batch_size, seed)
-        attack_kwargs = {n: v for n, v in (("step_size", step_size), ("step", step), ("random_start", random_start))
-                         if v is not None}
-        self.protocol_args = dict(
-            eps=eps, attacks=attacks, noise=noise_baseline, methods=list(methods or ["gradient"]),
-            method_kwargs=method_kwargs, seed=self.seed, steps=steps, attack_kwargs=attack_kwargs,
-            correlations=correlations, localization=localization, thickness=thickness,
-            thickness_samples=thickness_samples, thickness_points=thickness_points, thickness_eps=thickness_eps,
-        )
-        self.k, self.pair_set, self.target, self.pool = k, pair_set, target, pool
-        # validate everything that does not need the model now (k/pool: in setup, against the data)
-        self.protocol = EvaluationProtocol(**self.protocol_args, **self._model_settings(None))
+        self.config = protocol if protocol is not None else ProtocolSettings()
+        super().__init__(every_n_epochs, num_samples, batch_size, self.config.seed)
+        self.protocol = EvaluationProtocol(self.config)  # the model's defaults replace it in setup
         if not isinstance(num_images, int) or num_images < 0:
             raise ValueError(f"num_images={num_images!r} must be a non-negative integer")
         self.log_images, self.num_images = log_images, num_images
@@ -149,22 +119,9 @@ class RankingRobustness(EvaluationCallback):
         self._config_logged = False
 
     # ------------------------------------------------------------------ settings
-    def _model_settings(self, pl_module: L.LightningModule | None) -> dict[str, Any]:
-        hparams = getattr(pl_module, "hparams", {}) or {}
-
-        def get(name: str, default: Any) -> Any:
-            value = getattr(self, name)
-            if value is not None:
-                return value
-            return hparams.get(name, default) if hasattr(hparams, "get") else default
-
-        pool = get("pool", None)
-        return dict(k=get("k", 0.1), pair_set=get("pair_set", "boundary"), target=get("target", "loss"),
-                    pool=None if pool is None or pool <= 1 else int(pool))
-
     def check_settings(self, trainer: L.Trainer, pl_module: L.LightningModule, loop: str) -> None:
-        """Rebuild the protocol with the module's k/target/pool and check it against the data."""
-        self.protocol = EvaluationProtocol(**self.protocol_args, **self._model_settings(pl_module))
+        """The protocol with the module's k/target/pool/pair_set, checked against the data."""
+        self.protocol = EvaluationProtocol(self.config.for_model(getattr(pl_module, "hparams", {}) or {}))
         try:
             dataset = self.dataset(trainer, loop)
         except RuntimeError:
@@ -184,7 +141,7 @@ class RankingRobustness(EvaluationCallback):
             for note in notes:
                 log.warning("RankingRobustness: %s", note)
         if self.report and self.report_dir:  # an unwritable report folder fails now, not after the attacks
-            ensure_writable_dir(self.report_dir, "RankingRobustness report_dir")
+            ensure_writable_dir(self.report_dir, "RankingRobustness report_dir", "--trainer.callbacks.report_dir")
 
     def settings(self) -> dict[str, Any]:
         """The evaluation settings (for run configs and reports)."""

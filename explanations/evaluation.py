@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -125,8 +125,8 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
         named = [s.name for s in specs if s.attack == NOISE]
         if attacks is not None and named:
             raise ValueError(
-                f"the attack list names {NOISE!r} (entry {', '.join(map(repr, named))}) but noise_baseline is false "
-                "(noise=False): drop one"
+                f"the attack list names {NOISE!r} (entry {', '.join(map(repr, named))}) but the noise baseline is off "
+                "(noise: false): drop one"
             )
         specs = [s for s in specs if s.attack != NOISE]
     elif not any(s.attack == NOISE for s in specs):
@@ -227,84 +227,138 @@ class EvaluationStopped(Exception):
     """A stop request (e.g. SIGTERM) ended an evaluation between two attack passes."""
 
 
-class EvaluationProtocol:
-    """Attack-ensemble evaluation of explanation rankings (see the module docstring).
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """The evaluation protocol's settings: one object, given once and passed down whole (the
+    per-epoch callback ``RankingRobustness(protocol=...)``, the standalone evaluation
+    ``configs/evaluate.yaml`` and the study all take it). Checked when built.
 
     Args:
         eps: l_inf budgets in (0, 1], pixel units (default 1, 2, 4, 8 /255); sorted ascending.
         attacks: ensemble members: names (``er``, ``mse``, ``noise``) or dicts ``{name, attack,
             kwargs}`` (kwargs of the attack class, e.g. ``steps``, ``restarts``, ``surrogate_beta``;
             ``draws`` for noise); None = ERAttack without surrogate, ERAttack with
-            ``surrogate_beta: auto``, MSEAttack, noise.
-            ``surrogate_beta: auto`` resolves per model (explanations.activations); a member whose
-            auto surrogate is None (a smooth model) is dropped with a note, since it would equal
-            the same attack without one.
+            ``surrogate_beta: auto``, MSEAttack, noise. ``surrogate_beta: auto`` resolves per model
+            (explanations.activations); a member whose auto surrogate is None (a smooth model) is
+            dropped with a note, since it would equal the same attack without one.
         noise: keep (append) the uniform-noise baseline; False with a list naming ``noise`` is refused.
-        k: top-k size (count, or fraction of the n features). target: ``loss`` or ``logit``.
-        pool: saliency pooling (None: pixels). pair_set: ERAttack's J.
+        k: top-k size (an int count, or a fraction of the n features in (0, 1)); None = the
+            model's (:meth:`for_model`), else 0.1.
+        target: ``loss`` or ``logit`` (None = the model's, else ``loss``).
+        pool: saliency pooling p (None = the model's, else pixels; 1 = pixels).
+        pair_set: ERAttack's J (None = the model's, else ``boundary``).
         methods, method_kwargs: explanation methods attacked and their options.
-        seed: keys every per-sample random draw (with the dataset index).
-        steps: attack steps (>= 1); attack_kwargs: settings passed to every attack (e.g. step_size).
+        seed: picks the evaluation images and keys every per-sample random draw (with the image id).
+        steps: attack steps (>= 1); attack_kwargs: settings passed to every attack (``step_size``,
+            ``step``, ``random_start``, ``restarts``).
         correlations, localization, thickness: which metrics to compute;
-        thickness_samples, thickness_points, thickness_eps: Monte-Carlo thickness settings.
+        thickness_samples, thickness_points, thickness_eps: Monte-Carlo thickness settings
+            (thickness_eps None = the largest eps).
+
+    Examples:
+        >>> ProtocolSettings(eps=[2 / 255, 8 / 255], steps=5).resolved().k
+        0.1
+    """
+
+    eps: list[float] = field(default_factory=lambda: list(DEFAULT_EPS))
+    attacks: list[str | dict[str, Any]] | None = None
+    noise: bool = True
+    k: int | float | None = None
+    target: Literal["loss", "logit"] | None = None
+    pool: int | None = None
+    pair_set: Literal["boundary", "all", "minmax"] | None = None
+    methods: list[str] = field(default_factory=lambda: ["gradient"])
+    method_kwargs: dict[str, dict[str, Any]] | None = None
+    seed: int = 0
+    steps: int = 10
+    attack_kwargs: dict[str, Any] | None = None
+    correlations: bool = True
+    localization: bool = True
+    thickness: bool = True
+    thickness_samples: int = 2
+    thickness_points: int = 4
+    thickness_eps: float | None = None
+
+    #: The settings that default to the model's (``model.hparams``) and their fallbacks.
+    MODEL_DEFAULTS: ClassVar[dict[str, Any]] = {"k": 0.1, "target": "loss", "pool": None, "pair_set": "boundary"}
+
+    def __post_init__(self) -> None:
+        eps = self.eps if isinstance(self.eps, (list, tuple)) else [self.eps]
+        eps_list = [check_eps(e) for e in eps]
+        if not eps_list:
+            raise ValueError(f"eps={self.eps!r} must be a budget in (0, 1] (pixel units, e.g. 8/255) or a non-empty list of them")
+        if len(set(eps_list)) != len(eps_list):
+            raise ValueError(f"eps={self.eps!r} lists a budget twice")
+        object.__setattr__(self, "eps", sorted(eps_list))
+        parse_attacks(self.attacks, self.noise)
+        if not self.methods:
+            raise ValueError("methods must name at least one explanation method")
+        unknown = sorted(set(self.method_kwargs or {}) - set(self.methods))
+        if unknown:
+            raise ValueError(f"method_kwargs given for {unknown}, which are not in methods={list(self.methods)}")
+        for method in self.methods:
+            check_method(method, (self.method_kwargs or {}).get(method))
+        if self.target is not None:
+            check_target(self.target)
+        if self.pair_set is not None:
+            check_pair_set(self.pair_set)
+        if self.k is not None:
+            check_k(self.k)
+        check_pool(self.pool)
+        check_steps(self.steps)
+        check_positive_int(self.thickness_samples, "thickness_samples")
+        check_positive_int(self.thickness_points, "thickness_points")
+        if self.thickness_eps is not None:
+            check_eps(self.thickness_eps, "thickness_eps")
+
+    def for_model(self, hparams: Any) -> "ProtocolSettings":
+        """k, target, pool and pair_set left None taken from the model's ``hparams`` (its training
+        settings), else :data:`MODEL_DEFAULTS`: the one place these defaults are resolved."""
+        get = hparams.get if hasattr(hparams, "get") else (lambda key, default=None: default)
+        chosen = {name: getattr(self, name) if getattr(self, name) is not None else get(name, fallback)
+                  for name, fallback in self.MODEL_DEFAULTS.items()}
+        if chosen["pool"] is not None and chosen["pool"] <= 1:
+            chosen["pool"] = None
+        return replace(self, **chosen)
+
+    def resolved(self) -> "ProtocolSettings":
+        """Every model-dependent setting left None set to its fallback (no model)."""
+        return self.for_model({})
+
+
+class EvaluationProtocol:
+    """Attack-ensemble evaluation of explanation rankings (see the module docstring).
+
+    Args:
+        settings: the :class:`ProtocolSettings` (None = the defaults); ``**overrides`` replace
+            single fields of it (``EvaluationProtocol(eps=[8 / 255], steps=5)``).
 
     Examples:
         >>> protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], k=10, steps=5)
+        >>> protocol.k, protocol.steps
+        (10, 5)
         >>> result = protocol.evaluate(model, [(x, y, ids)])          # doctest: +SKIP
         >>> build_report(protocol, result.means(), result.num_images)  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        eps: float | Sequence[float] = DEFAULT_EPS,
-        attacks: Sequence[str | dict[str, Any]] | None = None,
-        noise: bool = True,
-        k: int | float = 0.1,
-        target: str = "loss",
-        pool: int | None = None,
-        pair_set: str = "boundary",
-        methods: Sequence[str] = ("gradient",),
-        method_kwargs: dict[str, dict[str, Any]] | None = None,
-        seed: int = 0,
-        steps: int = 10,
-        attack_kwargs: dict[str, Any] | None = None,
-        correlations: bool = True,
-        localization: bool = True,
-        thickness: bool = True,
-        thickness_samples: int = 2,
-        thickness_points: int = 4,
-        thickness_eps: float | None = None,
-    ) -> None:
-        eps_list = [check_eps(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
-        if not eps_list:
-            raise ValueError(f"eps={eps!r} must be a budget in (0, 1] (pixel units, e.g. 8/255) or a non-empty list of them")
-        if len(set(eps_list)) != len(eps_list):
-            raise ValueError(f"eps={eps!r} lists a budget twice")
-        self.eps = sorted(eps_list)
-        self.specs = parse_attacks(attacks, noise)
-        self.methods = list(methods)
-        if not self.methods:
-            raise ValueError("methods must name at least one explanation method")
-        self.method_kwargs = {m: dict(v) for m, v in (method_kwargs or {}).items()}
-        unknown = sorted(set(self.method_kwargs) - set(self.methods))
-        if unknown:
-            raise ValueError(f"method_kwargs given for {unknown}, which are not in methods={self.methods}")
-        for method in self.methods:
-            check_method(method, self.method_kwargs.get(method))
-        check_target(target)
-        check_pair_set(pair_set)
-        check_k(k)
-        check_steps(steps)
-        check_positive_int(thickness_samples, "thickness_samples")
-        check_positive_int(thickness_points, "thickness_points")
-        if thickness_eps is not None:
-            check_eps(thickness_eps, "thickness_eps")
-        check_pool(pool)
-        self.k, self.target, self.pool, self.pair_set = k, target, (pool if pool and pool > 1 else None), pair_set
-        self.seed, self.steps, self.attack_kwargs = int(seed), steps, dict(attack_kwargs or {})
-        self.correlations, self.localization, self.thickness = correlations, localization, thickness
-        self.thickness_samples, self.thickness_points = thickness_samples, thickness_points
-        self.thickness_eps = float(thickness_eps) if thickness_eps is not None else max(self.eps)
+    def __init__(self, settings: ProtocolSettings | None = None, **overrides: Any) -> None:
+        config = settings if settings is not None else ProtocolSettings()
+        if overrides:
+            unknown = sorted(set(overrides) - {f.name for f in fields(ProtocolSettings)})
+            if unknown:
+                raise TypeError(f"EvaluationProtocol got unknown settings {unknown}; valid: "
+                                f"{[f.name for f in fields(ProtocolSettings)]}")
+            config = replace(config, **overrides)
+        self.config = config = config.resolved()
+        self.eps = list(config.eps)
+        self.specs = parse_attacks(config.attacks, config.noise)
+        self.methods = list(config.methods)
+        self.method_kwargs = {m: dict(v) for m, v in (config.method_kwargs or {}).items()}
+        self.k, self.target, self.pool, self.pair_set = config.k, config.target, config.pool, config.pair_set
+        self.seed, self.steps, self.attack_kwargs = int(config.seed), config.steps, dict(config.attack_kwargs or {})
+        self.correlations, self.localization, self.thickness = config.correlations, config.localization, config.thickness
+        self.thickness_samples, self.thickness_points = config.thickness_samples, config.thickness_points
+        self.thickness_eps = float(config.thickness_eps) if config.thickness_eps is not None else max(self.eps)
         self._prepared: tuple[int, list[AttackSpec], list[str]] | None = None
         self.k_count: int | None = None  # k as a count, once checked against the data
         self.num_features: int | None = None  # saliency features n, idem

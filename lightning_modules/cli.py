@@ -218,8 +218,8 @@ class RobustCLI(LightningCLI):
         several configured callbacks have KEY (it would silently change only one of them)."""
         callbacks = _plain(trainer.get("callbacks")) or []
         for flag in getattr(self, "_callback_flags", []):
-            key = flag.removeprefix("init_args.")
-            if "." in key or key in ("class_path", "init_args"):
+            key = flag.removeprefix("init_args.").split(".", 1)[0]  # protocol.steps: the protocol argument
+            if key in ("class_path", "init_args"):
                 continue
             having = [c.get("class_path", "?").rsplit(".", 1)[-1] for c in callbacks
                       if isinstance(c, dict) and key in (c.get("init_args") or {})]

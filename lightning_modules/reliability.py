@@ -52,7 +52,7 @@ def _reason(exc: OSError) -> str:
     return f"{text} ({code})" if code else text
 
 
-def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder", setting: str | None = None) -> Path:
     """Create ``path`` if needed and check that a file can be written there (probe, removed).
 
     Raises :class:`UnwritableDirError` naming ``what``, the path and the OS reason (permission
@@ -70,7 +70,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         hint = "free some disk space" if exc.errno in _DISK_FULL else "choose a writable folder"
         raise UnwritableDirError(
             f"cannot write to the {what} {str(path)!r}: {_reason(exc)}. Fix its permissions or {hint} "
-            "(e.g. --trainer.logger.init_args.save_dir / ModelCheckpoint dirpath / --trainer.default_root_dir)",
+            f"({setting or 'e.g. --trainer.logger.init_args.save_dir / ModelCheckpoint dirpath / --trainer.default_root_dir'})",
             str(path), exc.errno,
         ) from None
     finally:

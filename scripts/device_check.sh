@@ -138,8 +138,9 @@ trainer:
   callbacks:
     - {class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: '$OUT/finetune/checkpoints'}}
     - class_path: callbacks.RankingRobustness
-      init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, attacks: [er], eps: [0.0313725], steps: $EVAL_STEPS,
-                  noise_baseline: true, thickness_samples: 2, thickness_points: 2, log_images: false}
+      init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, log_images: false,
+                  protocol: {attacks: [er], eps: [0.0313725], steps: $EVAL_STEPS, noise: true,
+                             thickness_samples: 2, thickness_points: 2}}
     - class_path: callbacks.PSEAnalysis
       init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, eps: 0.0313725, steps: $EVAL_STEPS, group_size: 8,
                   log_table: false, log_chart: false}

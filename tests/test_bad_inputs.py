@@ -109,9 +109,9 @@ def _callback(name: str, **init_args) -> dict:
 def test_zero_attack_steps_in_the_evaluation_is_refused(tiny_config, monkeypatch):
     calls = _record(monkeypatch, "validate")
     with pytest.raises(ValueError, match=r"steps=0 must be an integer >= 1 \(0 steps is no attack"):
-        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", steps=0))), "--allow_random_weights", "true"])
+        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", protocol={"steps": 0}))), "--allow_random_weights", "true"])
     with pytest.raises(ValueError, match="eps=0 is no attack"):
-        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", eps=[0.0, 0.0313725]))),
+        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", protocol={"eps": [0.0, 0.0313725]}))),
               "--allow_random_weights", "true"])
     assert not calls
 
@@ -124,9 +124,9 @@ def test_pixel_unit_eps_and_zero_steps_in_the_pse_analysis_are_refused(tiny_conf
 
 
 def test_noise_attack_with_noise_baseline_false_is_a_conflict(tiny_config):
-    with pytest.raises(ValueError, match=r"the attack list names 'noise' .* but noise_baseline is false .*: drop one"):
-        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", attacks=["er", "noise"],
-                                                            noise_baseline=False))), "--allow_random_weights", "true"])
+    with pytest.raises(ValueError, match=r"the attack list names 'noise' .* but the noise baseline is off .*: drop one"):
+        main(["validate", "-c", str(tiny_config(**_callback("RankingRobustness", protocol={"attacks": ["er", "noise"],
+                                                                                  "noise": False}))), "--allow_random_weights", "true"])
 
 
 def test_zero_steps_for_adversarial_training_is_refused(tiny_config):
@@ -427,3 +427,46 @@ def test_config_file_with_a_duplicated_key_is_refused(tiny_config, tmp_path):
     path.write_text(text)
     _fails(["fit", "-c", str(path)], rf"config file {path}: the key 'k' appears twice in one mapping "
                                      r"\(lines \d+ and \d+\); YAML would silently keep the last one")
+
+
+def test_validate_with_external_weights_on_a_carved_validation_split_warns(tmp_path, monkeypatch):
+    from tests.datamodules.test_cifar10 import _write_cifar_folder
+
+    root = _write_cifar_folder(tmp_path / "cifar", per_class=2)
+    weights = tmp_path / "w.pth"
+    torch.save(RobustClassifier(**{**TINY_MODEL, "num_classes": 10}).model.state_dict(), weights)
+    config = tiny_cli_config(tmp_path, model={"num_classes": 10, "weights_file": str(weights), "k": 50})
+    data = yaml.safe_load(config.read_text())
+    data["data"] = {"class_path": "datamodules.CIFAR10DataModule",
+                    "init_args": {"data_dir": str(root), "val_fraction": 0.5, "batch_size": 4, "num_workers": 0}}
+    config.write_text(yaml.safe_dump(data))
+    _record(monkeypatch, "validate")
+    with pytest.warns(UserWarning, match=r"validate evaluates the validation split, 0\.5 of the CIFAR-10 train split.*"
+                                         r"likely trained on these images\. Use `test`"):
+        main(["validate", "-c", str(config)])
+    calls = _record(monkeypatch, "test")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*likely trained on these images.*")
+        main(["test", "-c", str(config)])  # the test split is held out: no warning
+    assert calls
+
+
+def test_sigterm_in_the_training_loop_exits_non_zero_with_a_message(tiny_config):
+    """Lightning stops at the end of the batch with an exception that would exit 0; the CLI says why and fails."""
+    import signal as signal_module
+
+    class Terminate(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            os.kill(os.getpid(), signal_module.SIGTERM)  # Lightning's handler records it
+
+    path = tiny_config()
+    data = yaml.safe_load(path.read_text())
+    data["trainer"]["callbacks"].append({"class_path": "tests.test_bad_inputs.Terminate"})
+    path.write_text(yaml.safe_dump(data))
+    globals()["Terminate"] = Terminate
+    try:
+        _fails(["fit", "-c", str(path)], r"stopped by SIGTERM; checkpoints are written atomically")
+    finally:
+        del globals()["Terminate"]

@@ -22,6 +22,7 @@ from torch import nn
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from explanations.evaluation import ProtocolSettings
 from callbacks import PSEAnalysis, RankingRobustness
 from lightning_modules.classifier import RobustClassifier
 
@@ -83,8 +84,8 @@ def fit(tmp_path, devices: int) -> tuple[dict[str, torch.Tensor], dict[str, list
     batch = GLOBAL_BATCH // devices
     callbacks = [
         RankingRobustness(
-            num_samples=8, batch_size=4, steps=2, attacks=["er"], thickness=False, localization=False,
-            log_images=False, noise_baseline=True,
+            num_samples=8, batch_size=4, log_images=False,
+            protocol=ProtocolSettings(steps=2, attacks=["er"], thickness=False, localization=False, noise=True),
         ),
         PSEAnalysis(num_samples=8, batch_size=4, steps=2, only_correct=False, group_size=8, log_table=False, log_chart=False),
     ]

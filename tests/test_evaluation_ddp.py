@@ -9,7 +9,7 @@ from tests.callbacks.test_ranking_robustness import TinyDataModule, TinyModule, 
 
 
 def _cb():
-    return callback(num_samples=11, batch_size=3, random_start=True, eps=[2 / 255, 8 / 255],
+    return callback(num_samples=11, batch_size=3, attack_kwargs={"random_start": True}, eps=[2 / 255, 8 / 255],
                     methods=["gradient", "smoothgrad"], method_kwargs={"smoothgrad": {"num_samples": 2}})
 
 

@@ -92,8 +92,8 @@ def test_standalone_evaluation_run_states_what_was_measured(tiny_config, tmp_pat
     evaluation = yaml.safe_load(tiny_config(wandb=True).read_text())
     evaluation["trainer"]["callbacks"].append(
         {"class_path": "callbacks.RankingRobustness",
-         "init_args": {"num_samples": 4, "batch_size": 4, "steps": 1, "eps": [0.0313725], "thickness": False,
-                       "num_images": 2, "report": True, "attacks": ["er"]}})
+         "init_args": {"num_samples": 4, "batch_size": 4, "num_images": 2, "report": True,
+                       "protocol": {"steps": 1, "eps": [0.0313725], "thickness": False, "attacks": ["er"]}}})
     path = tmp_path / "evaluate.yaml"
     path.write_text(yaml.safe_dump(evaluation))
     main(["test", "-c", str(path), "--ckpt_path", str(ckpt)])

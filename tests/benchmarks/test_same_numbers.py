@@ -12,6 +12,7 @@ from benchmarks.reproduce.evaluate import Evaluator
 from benchmarks.reproduce.presets import EvalConfig
 from callbacks import PSEAnalysis, RankingRobustness
 from callbacks._eval_subset import EvalSubset
+from explanations.evaluation import ProtocolSettings
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -38,9 +39,10 @@ def test_study_and_callbacks_give_identical_numbers(tmp_path):
     eps = 4 / 255
     cfg = EvalConfig(batch_size=4, eps=eps, surrogate_beta=10.0, pse_steps=3, pse_group_size=8,
                      thickness_samples=1, thickness_points=2, seed=0)
-    rr = RankingRobustness(num_samples=9, batch_size=4, eps=[eps], steps=2, k=16,
-                           attacks=[{"name": "er", "kwargs": {"surrogate_beta": None}}, {"name": "er_surrogate", "attack": "er", "kwargs": {"surrogate_beta": 10.0}}],
-                           thickness_samples=1, thickness_points=2, log_images=False, correlations=True)
+    rr = RankingRobustness(num_samples=9, batch_size=4, log_images=False, protocol=ProtocolSettings(
+        eps=[eps], steps=2, k=16, thickness_samples=1, thickness_points=2, correlations=True,
+        attacks=[{"name": "er", "kwargs": {"surrogate_beta": None}},
+                 {"name": "er_surrogate", "attack": "er", "kwargs": {"surrogate_beta": 10.0}}]))
     pse = PSEAnalysis(num_samples=9, batch_size=4, eps=eps, steps=3, group_size=8,
                       log_table=False, log_chart=False)
     module = Module().double()

@@ -26,8 +26,8 @@ def tiny_config(tmp_path: Path) -> Path:
     cfg["trainer"]["max_epochs"] = 1
     cfg["trainer"]["limit_train_batches"] = 2
     cb = cfg["trainer"]["callbacks"][1]["init_args"]
-    cb.update(num_samples=6, batch_size=3, steps=2, eps=[0.0078431, 0.0313725], thickness_samples=1,
-              thickness_points=2, num_images=2)
+    cb.update(num_samples=6, batch_size=3, num_images=2)
+    cb["protocol"].update(steps=2, eps=[0.0078431, 0.0313725], thickness_samples=1, thickness_points=2)
     assert "model" not in cfg  # a checkpoint's settings are never contradicted by the shipped config
     cfg["model"] = {"backbone": "resnet9", "backbone_kwargs": {"width": 4}, "num_classes": 3, "k": 20,
                     "activation": "softplus", "objective": "vanilla"}
@@ -170,7 +170,8 @@ def test_sigterm_stops_within_seconds_and_the_rerun_resumes_to_the_same_numbers(
     cfg = yaml.safe_load(config.read_text())
     del cfg["model"]
     cb = cfg["trainer"]["callbacks"][1]["init_args"]
-    cb.update(num_samples=12, batch_size=2, steps=12)
+    cb.update(num_samples=12, batch_size=2)
+    cb["protocol"]["steps"] = 12
     config.write_text(yaml.safe_dump(cfg))
     reports = tmp_path / "reports"
     args = ["test", "-c", str(config), "--ckpt_path", str(trained_ckpt), "--trainer.callbacks.report_dir", str(reports)]
@@ -230,7 +231,7 @@ def test_a_failed_report_write_keeps_the_numbers_and_fails(tmp_path, trained_ckp
 
 def test_compare_two_reports_paired_and_refuse_other_images_or_settings(tmp_path, trained_ckpt, capsys):
     a, b, c, d = (tmp_path / n for n in "abcd")
-    for folder, extra in ((a, ()), (b, ("--trainer.callbacks.steps=1",)), (c, ("--trainer.callbacks.num_samples=4",))):
+    for folder, extra in ((a, ()), (b, ("--trainer.callbacks.protocol.steps=1",)), (c, ("--trainer.callbacks.num_samples=4",))):
         folder.mkdir()
         _evaluate(folder, trained_ckpt, "--trainer.callbacks.report_dir", str(folder / "r"), *extra)
     d.mkdir()
@@ -264,3 +265,57 @@ def test_compare_two_reports_paired_and_refuse_other_images_or_settings(tmp_path
     with pytest.raises(SystemExit):
         compare_main([str(a / "r"), str(c / "r")])
     assert "other images" in capsys.readouterr().err
+
+
+def test_resuming_into_another_evaluations_folder_is_refused(tmp_path, trained_ckpt):
+    reports = tmp_path / "r"
+    _evaluate(tmp_path, trained_ckpt, "--trainer.callbacks.report_dir", str(reports))
+    with pytest.raises(ValueError, match=r"holds the per-image results of another evaluation \(it differs in: "
+                                         r"protocol\.steps\)"):
+        _evaluate(tmp_path, trained_ckpt, "--trainer.callbacks.report_dir", str(reports),
+                  "--trainer.callbacks.protocol.steps=1")
+
+
+def test_an_unwritable_report_dir_is_refused_before_any_attack(tmp_path, trained_ckpt, monkeypatch):
+    import explanations.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation.EvaluationProtocol, "evaluate_batch", lambda *a, **k: pytest.fail("attacked"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    with pytest.raises(SystemExit, match=r"cannot write to the RankingRobustness report_dir .*a-file.*Not a directory.*"
+                                         r"\(--trainer.callbacks.report_dir\)"):
+        _evaluate(tmp_path, trained_ckpt, "--trainer.callbacks.report_dir", str(blocker / "sub"))
+
+
+def test_comparing_an_interrupted_evaluation_is_refused(tmp_path, trained_ckpt, capsys):
+    reports = tmp_path / "r"
+    _evaluate(tmp_path, trained_ckpt, "--trainer.callbacks.report_dir", str(reports))
+    lines = (reports / PER_IMAGE_FILE).read_text().splitlines()
+    header = json.loads(lines[0])
+    header["header"]["complete"] = False
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join([json.dumps(header), *lines[1:3]]) + "\n")
+    with pytest.raises(SystemExit):
+        compare_main([str(reports), str(partial)])
+    assert "incomplete (an interrupted evaluation)" in capsys.readouterr().err
+
+
+def test_summary_says_when_wandb_is_disabled(tmp_path, trained_ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = tiny_config(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["model"]
+    cfg["trainer"]["logger"].append({"class_path": "lightning_modules.loggers.RobustWandbLogger",
+                                     "init_args": {"project": "t", "save_dir": str(tmp_path / "logs")}})
+    config.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    import wandb
+
+    try:
+        main(["test", "-c", str(config), "--ckpt_path", str(trained_ckpt)])
+    finally:  # forget the process-wide disabled mode: later tests run W&B offline
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()
+    out = capsys.readouterr().out
+    assert re.search(r"W&B run\s+none \(W&B disabled: WANDB_MODE=disabled\)", out), out[-2000:]

@@ -1,4 +1,5 @@
 import math
+import dataclasses
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from callbacks import RankingRobustness
 from callbacks._eval_subset import EvalSubset, balanced_subset_indices, dataset_labels, shard_indices, subset_indices
-from explanations.evaluation import EvaluationProtocol
+from explanations.evaluation import EvaluationProtocol, ProtocolSettings
 from callbacks.metrics import FlipRate, PrecisionAtK, SampleMean
 
 
@@ -75,10 +76,13 @@ class TinyModule(L.LightningModule):
 
 
 def callback(**kw) -> RankingRobustness:
-    args = dict(num_samples=10, batch_size=4, steps=2, attacks=["er", "mse"], thickness_samples=1,
-                thickness_points=2, eps=8 / 255, log_images=False)
-    args.update(kw)
-    return RankingRobustness(**args)
+    """A small RankingRobustness; keyword arguments of ProtocolSettings go into its ``protocol``."""
+    protocol = dict(steps=2, attacks=["er", "mse"], thickness_samples=1, thickness_points=2, eps=[8 / 255])
+    args = dict(num_samples=10, batch_size=4, log_images=False)
+    names = {f.name for f in dataclasses.fields(ProtocolSettings)}
+    for key, value in kw.items():
+        (protocol if key in names else args)[key] = value
+    return RankingRobustness(protocol=ProtocolSettings(**protocol), **args)
 
 
 def trainer(tmp_path, cb, **kw) -> L.Trainer:
@@ -165,7 +169,7 @@ def test_validate_logs_every_attack_and_the_worst_case_and_restores_the_model(tm
 
 def test_callback_numbers_equal_the_protocol_on_the_same_images(tmp_path):
     module, dm = TinyModule(), TinyDataModule()
-    cb = callback(eps=[2 / 255, 8 / 255], random_start=True)
+    cb = callback(eps=[2 / 255, 8 / 255], attack_kwargs={"random_start": True})
     t = trainer(tmp_path, cb, precision="64-true")
     t.validate(module, datamodule=dm, verbose=False)
     got = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("robustness/")}
@@ -182,7 +186,7 @@ def test_callback_numbers_equal_the_protocol_on_the_same_images(tmp_path):
 
 
 def test_fit_schedule_skips_sanity_check_and_evaluates_last_epoch(tmp_path):
-    cb = callback(every_n_epochs=2, attacks=["er"], noise_baseline=False, thickness=False, correlations=False,
+    cb = callback(every_n_epochs=2, attacks=["er"], noise=False, thickness=False, correlations=False,
                   eps=[2 / 255, 8 / 255], num_samples=6)
     t = trainer(tmp_path, cb, max_epochs=3, num_sanity_val_steps=1, limit_train_batches=1)
     t.fit(TinyModule(), datamodule=TinyDataModule(masks=False))
@@ -200,21 +204,23 @@ def test_inference_mode_is_refused_early(tmp_path):
 
 def test_bad_settings_fail_at_construction_naming_value_and_choices():
     with pytest.raises(ValueError, match=r"'pgd'.*valid: \['er', 'mse', 'noise'\]"):
-        RankingRobustness(attacks=["pgd"])
+        ProtocolSettings(attacks=["pgd"])
     with pytest.raises(ValueError, match="'lrp'.*valid"):
-        RankingRobustness(methods=["lrp"])
+        ProtocolSettings(methods=["lrp"])
     with pytest.raises(ValueError, match="not in methods"):
-        RankingRobustness(method_kwargs={"smoothgrad": {"num_samples": 2}})
+        ProtocolSettings(method_kwargs={"smoothgrad": {"num_samples": 2}})
     with pytest.raises(ValueError, match=r"eps=-0.1 is not valid; valid: \(0, 1\]"):
-        RankingRobustness(eps=[-0.1])
+        ProtocolSettings(eps=[-0.1])
     with pytest.raises(ValueError, match=r"eps=8 is in pixel units of \[0, 1\]; did you mean 8/255 = 0\.0314\?"):
-        RankingRobustness(eps=8)
+        ProtocolSettings(eps=8)
     with pytest.raises(ValueError, match=r"steps=0 must be an integer >= 1"):
-        RankingRobustness(steps=0)
+        ProtocolSettings(steps=0)
     with pytest.raises(ValueError, match="unknown keys"):
-        RankingRobustness(attacks=[{"name": "er2", "attack": "er", "kwrgs": {}}])
+        ProtocolSettings(attacks=[{"name": "er2", "attack": "er", "kwrgs": {}}])
     with pytest.raises(ValueError, match="unique"):
-        RankingRobustness(attacks=["er", {"name": "er", "attack": "mse"}])
+        ProtocolSettings(attacks=["er", {"name": "er", "attack": "mse"}])
+    with pytest.raises(TypeError, match="num_imagez"):
+        RankingRobustness(num_imagez=3)
 
 
 class CountingModule(TinyModule):

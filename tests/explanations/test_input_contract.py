@@ -204,7 +204,7 @@ def test_evaluation_refuses_bad_images():
 
 
 def test_noise_in_the_list_with_noise_baseline_false_is_a_conflict():
-    with pytest.raises(ValueError, match=r"the attack list names 'noise' .* but noise_baseline is false .*: drop one"):
+    with pytest.raises(ValueError, match=r"the attack list names 'noise' .* but the noise baseline is off .*: drop one"):
         parse_attacks(["er", "noise"], noise=False)
     with pytest.raises(ValueError, match="drop one"):
         EvaluationProtocol(attacks=["er", "noise"], noise=False)
@@ -245,3 +245,9 @@ def test_pool_zero_is_refused_instead_of_meaning_no_pooling():
     for name in TAKES_EPS:
         with pytest.raises(ValueError, match=match):
             (ATTACKS.get(name) or UniformNoise)(model, eps=8 / 255, k=5, pool=0)
+
+
+def test_integrated_gradients_with_zero_steps_is_refused():
+    model, (x, y) = tiny_model(), images()
+    with pytest.raises(ValueError, match=r"steps=0 must be an integer >= 1"):
+        explain(model, x, y, method="integrated_gradients", steps=0)
