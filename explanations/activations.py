@@ -35,10 +35,13 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Callable, Literal
 
 import torch
@@ -58,6 +61,7 @@ __all__ = [
     "resolve_surrogate",
     "swap_activations",
     "trace_activations",
+    "traces_reused",
 ]
 
 #: Softplus beta of the attack surrogate under ``surrogate_beta: auto``.
@@ -229,14 +233,41 @@ class _TraceMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_TRACES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("activation_traces", default=None)
+
+
+@contextlib.contextmanager
+def traces_reused() -> Iterator[None]:
+    """Inside the block, :func:`trace_activations` traces a model once per input shape, dtype and
+    device and reuses that trace (an evaluation resolves every attack's surrogate from one trace,
+    not one per batch, budget and member). Leave the block before changing the model's activations."""
+    token = _TRACES.set({} if _TRACES.get() is None else _TRACES.get())
+    try:
+        yield
+    finally:
+        _TRACES.reset(token)
+
+
 def trace_activations(model: nn.Module, example: Tensor) -> ActivationTrace:
     """Run ``model(example[:1])`` once (eval mode, no grad, modes restored) and list its activations.
 
     Args:
         model: any module. example: an input batch (only the first item is used).
     Returns:
-        :class:`ActivationTrace` with the calls, each named by the innermost calling module.
+        :class:`ActivationTrace` with the calls, each named by the innermost calling module
+        (inside :func:`traces_reused`, the model's earlier trace for this input kind).
     """
+    cache = _TRACES.get()
+    key = (id(model), tuple(example.shape[1:]), example.dtype, example.device)
+    if cache is not None and key in cache and cache[key][0] is model:
+        return cache[key][1]
+    trace = _trace(model, example)
+    if cache is not None:
+        cache[key] = (model, trace)
+    return trace
+
+
+def _trace(model: nn.Module, example: Tensor) -> ActivationTrace:
     where: list[str] = []
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
     handles = []

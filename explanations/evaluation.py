@@ -42,6 +42,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from explanations.activations import resolve_surrogate, traces_reused
 from explanations.attacks import ATTACKS, NOISE_STREAM, UniformNoise, build_attack
 from explanations.explainers import check_method, eval_mode, explain_unchecked, seeded_uniform
 from explanations.ranking_metrics import (
@@ -134,13 +135,6 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
     if not specs:
         raise ValueError("the attack ensemble is empty: give at least one attack or keep the noise baseline")
     return specs
-
-
-def _resolve_surrogate(model: nn.Module, value: Any, example: Tensor | None) -> float | None:
-    """``surrogate_beta`` of an attack: ``auto`` / a number / None (see explanations.activations)."""
-    from explanations.activations import resolve_surrogate
-
-    return resolve_surrogate(model, value, example)
 
 
 @dataclass
@@ -392,12 +386,16 @@ class EvaluationProtocol:
         bad setting fails before any work. Returns (specs, notes)."""
         if self._prepared is not None and self._prepared[0] == id(model):
             return self._prepared[1], self._prepared[2]
+        with traces_reused():
+            return self._prepare(model, example)
+
+    def _prepare(self, model: nn.Module, example: Tensor) -> tuple[list[AttackSpec], list[str]]:
         self.check_data(*example.shape[-2:])
         specs, notes = [], []
         for spec in self.specs:
             kwargs = dict(spec.kwargs)
             if spec.attack != NOISE and "surrogate_beta" in kwargs:
-                beta = _resolve_surrogate(model, kwargs["surrogate_beta"], example)
+                beta = resolve_surrogate(model, kwargs["surrogate_beta"], example)
                 if beta is None and kwargs["surrogate_beta"] == "auto":
                     notes.append(
                         f"attack {spec.name!r} dropped: the model has no ReLU-type activations, so "
@@ -457,7 +455,7 @@ class EvaluationProtocol:
         images: dict[str, dict[str, Any]] = {}
         seconds: dict[str, float] = {spec.name: 0.0 for spec in specs}
         keep = min(int(keep_images), x.shape[0])
-        with torch.enable_grad(), eval_mode(model):
+        with torch.enable_grad(), eval_mode(model), traces_reused():
             for m_idx, method in enumerate(self.methods):
                 mkw = self.method_kwargs.get(method, {})
                 clean = explain_unchecked(model, x, y, method, self.target, self.pool, **mkw)
@@ -529,6 +527,10 @@ class EvaluationProtocol:
         ``on_batch(result)`` with each batch's result as soon as it is done (e.g. to write it:
         an interrupted evaluation keeps every finished batch), ``should_stop`` as in
         :meth:`evaluate_batch`."""
+        with traces_reused():  # every attack's surrogate is resolved from one trace of the model
+            return self._evaluate(model, batches, device, keep_images, progress, should_stop, on_batch)
+
+    def _evaluate(self, model, batches, device, keep_images, progress, should_stop, on_batch) -> EvaluationResult:
         parts, done = [], 0
         params = next(iter(model.parameters()), None)
         dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32

@@ -116,3 +116,15 @@ def test_explicit_surrogate_on_a_smooth_model_is_an_error_naming_it():
     protocol = EvaluationProtocol(attacks=[{"name": "er_sp", "attack": "er", "kwargs": {"surrogate_beta": 10.0}}], k=10)
     with pytest.raises(ValueError, match="Sequential"):
         protocol.prepare(net, torch.rand(1, 3, 12, 12))
+
+
+def test_an_evaluation_traces_the_model_once_not_per_batch_budget_and_member(trained, monkeypatch):
+    import explanations.activations as activations
+
+    net, x, y, ids = trained
+    traced = []
+    original = activations._trace
+    monkeypatch.setattr(activations, "_trace", lambda model, example: traced.append(1) or original(model, example))
+    protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], k=10, steps=1, thickness=False)  # er_surrogate: auto
+    protocol.evaluate(net, iter_batches(x, y, ids, 4))  # 3 batches x 2 budgets x (er_surrogate, its auto check)
+    assert "er_surrogate" in protocol.names and len(traced) == 1, traced  # one trace for the whole evaluation
