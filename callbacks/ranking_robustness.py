@@ -52,6 +52,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.base import EvaluationCallback, line_series
+from explanations.attacks import ATTACKS
 from explanations.evaluation import (
     WORST,
     EvaluationProtocol,
@@ -159,7 +160,7 @@ class RankingRobustness(EvaluationCallback):
         out = self.describe(trainer, pl_module, loop)
         restarts = {}
         for spec in specs:
-            if spec.attack != "noise":
+            if "restarts" in ATTACKS[spec.attack].options:  # the optimisers (not the noise baseline)
                 restarts[spec.name] = int({**protocol.attack_kwargs, **spec.kwargs}.get("restarts", 1))
         out["protocol"] = {"k": protocol.k_count, "features": protocol.num_features, "steps": protocol.steps,
                            "restarts": restarts, "seed": protocol.seed, "eps": [eps_label(e) for e in protocol.eps]}

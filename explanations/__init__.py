@@ -11,6 +11,7 @@ from explanations.attacks import (
     UniformNoise,
     build_attack,
     paper_attack,
+    register_attack,
 )
 from explanations.explainers import (
     METHODS,
@@ -18,6 +19,7 @@ from explanations.explainers import (
     explain,
     explain_unchecked,
     explain_with_logits,
+    register_method,
     seeded_uniform,
 )
 from explanations.objectives import (
@@ -66,7 +68,7 @@ from explanations.validation import check_eps, check_images, check_steps
 
 __all__ = [
     "ATTACKS", "check_eps", "check_images", "check_steps", "explain_unchecked", "METHODS", "AdversarialTraining", "ERAttack", "MSEAttack", "PaperERAttack",
-    "RankingAttack", "UniformNoise", "block_gap", "build_attack", "paper_attack",
+    "RankingAttack", "UniformNoise", "block_gap", "build_attack", "paper_attack", "register_attack", "register_method",
     "thickness_estimates", "eval_mode", "explain", "explain_with_logits", "kendall_union",
     "kept_pair_fraction", "localization_share", "precision_at_k", "prediction_flips",
     "rank_correlation", "seeded_uniform", "spearman_union", "topk_thickness",

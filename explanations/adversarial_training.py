@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explanations.attacks import ERAttack
-from explanations.objectives import Objective, ObjectiveOutput, register_objective
+from explanations.objectives import SHARED_SETTINGS, Objective, ObjectiveOutput, register_objective
 from explanations.regularizers import check_pair_set
 from explanations.saliency import check_target
 
@@ -102,8 +102,13 @@ _ARGS = ("eps", "steps", "step_size", "clean_weight", "k", "pair_set", "minmax_m
          "random_start", "step", "method")
 
 
+@register_objective(
+    "at",
+    options=(*(a for a in _ARGS if a not in SHARED_SETTINGS), "attack_k", "attack_pair_set"),
+    uses_k=True, k_option="attack_k", double_backprop=AdversarialTraining.double_backprop,
+)
 def build_adversarial_training(**config: Any) -> AdversarialTraining:
-    """Factory for ``register_objective``: picks the keys it knows, ignores the rest.
+    """Factory of the objective ``at``: picks the keys it knows, ignores the rest.
 
     ``attack_k`` / ``attack_pair_set`` override the shared ``k`` / ``pair_set`` for the attack.
     """
@@ -113,6 +118,3 @@ def build_adversarial_training(**config: Any) -> AdversarialTraining:
     if "attack_pair_set" in config:
         kwargs["pair_set"] = config["attack_pair_set"]
     return AdversarialTraining(**kwargs)
-
-
-register_objective("at", build_adversarial_training)

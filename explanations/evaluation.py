@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from explanations.activations import resolve_surrogate, traces_reused
-from explanations.attacks import ATTACKS, NOISE_STREAM, UniformNoise, build_attack
+from explanations.attacks import ATTACKS, UniformNoise, attack_class, build_attack, check_attack_options
 from explanations.explainers import check_method, eval_mode, explain_unchecked, seeded_uniform
 from explanations.ranking_metrics import (
     CORRELATIONS,
@@ -56,7 +56,7 @@ from explanations.regularizers import check_pair_set
 from explanations.saliency import check_target, num_features, resolve_k
 from explanations.validation import check_eps, check_images, check_k, check_pool, check_positive_int, check_steps
 
-NOISE = "noise"
+NOISE = UniformNoise.name  # the registered noise baseline, ``noise``
 WORST = "worst"
 PSE_TARGET_STREAM = 611  # seeded_uniform stream of the PSE ``random`` target rule
 DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -88,7 +88,7 @@ def eps_tag(eps: float) -> str:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One ensemble member: display ``name``, ``attack`` (a key of ATTACKS or ``noise``), kwargs."""
+    """One ensemble member: display ``name``, ``attack`` (a key of ATTACKS), kwargs (its options)."""
 
     name: str
     attack: str
@@ -100,9 +100,10 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
 
     ``noise=True`` appends the noise baseline when the list has none; ``False`` leaves it out of
     the default ensemble and refuses a given list that names it (the two settings contradict).
+    A member's kwargs must be options of its attack (``ATTACKS[attack].options``; TypeError).
     """
     items = list(DEFAULT_ENSEMBLE if attacks is None else attacks)
-    valid = sorted([*ATTACKS, NOISE])
+    valid = sorted(ATTACKS)
     specs: list[AttackSpec] = []
     for item in items:
         if isinstance(item, str):
@@ -118,6 +119,7 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
         if name == WORST:
             raise ValueError(f"attack name {WORST!r} is reserved for the worst case over the ensemble")
         kwargs = dict(item.get("kwargs") or {})
+        check_attack_options(kind, kwargs, entry=name)
         specs.append(AttackSpec(name, kind, kwargs))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -135,6 +137,17 @@ def parse_attacks(attacks: Sequence[str | dict[str, Any]] | None, noise: bool = 
     if not specs:
         raise ValueError("the attack ensemble is empty: give at least one attack or keep the noise baseline")
     return specs
+
+
+def check_shared_attack_kwargs(specs: Sequence[AttackSpec], attack_kwargs: dict[str, Any]) -> None:
+    """Refuse ``attack_kwargs`` keys that no member's attack takes (they would have no effect)."""
+    taken = set().union(*(attack_class(s.attack).options for s in specs))
+    unknown = sorted(set(attack_kwargs) - taken)
+    if unknown:
+        raise TypeError(
+            f"attack_kwargs {unknown} are taken by no attack of the ensemble ({', '.join(s.name for s in specs)}); "
+            f"their options: {sorted(taken)}"
+        )
 
 
 @dataclass
@@ -229,12 +242,14 @@ class ProtocolSettings:
 
     Args:
         eps: l_inf budgets in (0, 1], pixel units (default 1, 2, 4, 8 /255); sorted ascending.
-        attacks: ensemble members: names (``er``, ``mse``, ``noise``) or dicts ``{name, attack,
-            kwargs}`` (kwargs of the attack class, e.g. ``steps``, ``restarts``, ``surrogate_beta``;
-            ``draws`` for noise); None = ERAttack without surrogate, ERAttack with
-            ``surrogate_beta: auto``, MSEAttack, noise. ``surrogate_beta: auto`` resolves per model
-            (explanations.activations); a member whose auto surrogate is None (a smooth model) is
-            dropped with a note, since it would equal the same attack without one.
+        attacks: ensemble members: names (keys of ``ATTACKS``: ``er``, ``mse``, ``noise``) or dicts
+            ``{name, attack, kwargs}`` (options of the attack class, ``ATTACKS[attack].options``, e.g.
+            ``steps``, ``restarts``, ``surrogate_beta``; ``draws`` for noise; another key is refused);
+            None = ERAttack without surrogate, ERAttack with
+            ``surrogate_beta: auto``, MSEAttack, noise.
+            ``surrogate_beta: auto`` resolves per model (explanations.activations); a member whose
+            auto surrogate is None (a smooth model) is dropped with a note, since it would equal
+            the same attack without one.
         noise: keep (append) the uniform-noise baseline; False with a list naming ``noise`` is refused.
         k: top-k size (an int count, or a fraction of the n features in (0, 1)); None = the
             model's (:meth:`for_model`), else 0.1.
@@ -243,8 +258,9 @@ class ProtocolSettings:
         pair_set: ERAttack's J (None = the model's, else ``boundary``).
         methods, method_kwargs: explanation methods attacked and their options.
         seed: picks the evaluation images and keys every per-sample random draw (with the image id).
-        steps: attack steps (>= 1); attack_kwargs: settings passed to every attack (``step_size``,
-            ``step``, ``random_start``, ``restarts``).
+        steps: attack steps (>= 1), for the attacks that take steps (the noise baseline does not).
+        attack_kwargs: settings passed to every member that takes them (``step_size``, ``step``,
+            ``random_start``, ``restarts``; not to the noise baseline); a key no member takes is refused.
         correlations, localization, thickness: which metrics to compute;
         thickness_samples, thickness_points, thickness_eps: Monte-Carlo thickness settings
             (thickness_eps None = the largest eps).
@@ -284,7 +300,7 @@ class ProtocolSettings:
         if len(set(eps_list)) != len(eps_list):
             raise ValueError(f"eps={self.eps!r} lists a budget twice")
         object.__setattr__(self, "eps", sorted(eps_list))
-        parse_attacks(self.attacks, self.noise)
+        check_shared_attack_kwargs(parse_attacks(self.attacks, self.noise), self.attack_kwargs or {})
         if not self.methods:
             raise ValueError("methods must name at least one explanation method")
         unknown = sorted(set(self.method_kwargs or {}) - set(self.methods))
@@ -394,7 +410,7 @@ class EvaluationProtocol:
         specs, notes = [], []
         for spec in self.specs:
             kwargs = dict(spec.kwargs)
-            if spec.attack != NOISE and "surrogate_beta" in kwargs:
+            if "surrogate_beta" in kwargs:
                 beta = resolve_surrogate(model, kwargs["surrogate_beta"], example)
                 if beta is None and kwargs["surrogate_beta"] == "auto":
                     notes.append(
@@ -410,18 +426,14 @@ class EvaluationProtocol:
         return specs, notes
 
     def _build(self, spec: AttackSpec, model: nn.Module, method: str, eps: float):
-        if spec.attack == NOISE:
-            return UniformNoise(model, eps=eps, seed=self.seed, k=self.k, method=method,
-                                method_kwargs=self.method_kwargs.get(method) or None, target=self.target,
-                                pool=self.pool, **spec.kwargs)
-        kwargs = dict(
+        """The member's attack at ``eps``: the protocol's settings and ``attack_kwargs`` that its
+        class takes (``options``; e.g. the noise baseline takes no steps), then its own kwargs."""
+        shared = dict(
             eps=eps, steps=self.steps, k=self.k, pair_set=self.pair_set, method=method,
             method_kwargs=self.method_kwargs.get(method) or None, target=self.target, pool=self.pool,
             seed=self.seed,
         )
-        kwargs.update(self.attack_kwargs)
-        kwargs.update(spec.kwargs)
-        return build_attack(spec.attack, model, **kwargs)
+        return build_attack(spec.attack, model, {**shared, **self.attack_kwargs}, **spec.kwargs)
 
     def keys(self, specs: Sequence[AttackSpec], has_mask: bool) -> list[str]:
         """Every per-image key one evaluation produces (sorted), the same on every rank."""

@@ -15,6 +15,11 @@ method                      attribution a(x)
                             Sundararajan et al. 2017; baseline b = 0 (black) by default)
 ==========================  =================================================================
 
+The methods are registered (:func:`register_method`, ``METHODS``): a new method is one function
+``fn(model, x, labels, target, pool, create_graph, classes, **options) -> Explanation`` with the
+decorator; its keyword parameters are its options (``method_kwargs``), checked by
+:func:`check_method`, and the tests that iterate ``METHODS`` cover it.
+
 Batching: SmoothGrad and Integrated Gradients stack their N (or m) evaluation points into one big
 batch of N * B images, so one forward and one backward serve the whole batch; no Python loop over
 images. ``create_graph=True`` keeps the saliency differentiable in x (attacks descend through it).
@@ -47,13 +52,13 @@ evaluates it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explanations.saliency import (
@@ -69,26 +74,6 @@ from explanations.validation import (
     check_positive_int,
     check_steps,
 )
-
-METHODS: tuple[str, ...] = ("gradient", "grad_x_input", "smoothgrad", "integrated_gradients")
-
-_METHOD_ARGS: dict[str, tuple[str, ...]] = {
-    "gradient": (),
-    "grad_x_input": (),
-    "smoothgrad": ("num_samples", "noise_std", "seed", "generator"),
-    "integrated_gradients": ("steps", "baseline"),
-}
-
-
-def check_method(method: str, method_kwargs: dict[str, Any] | None = None) -> None:
-    """Raise a clear error for an unknown method or a keyword the method does not take."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not a known explanation method; valid: {METHODS}")
-    unknown = sorted(set(method_kwargs or {}) - set(_METHOD_ARGS[method]))
-    if unknown:
-        raise ValueError(
-            f"method={method!r} does not take {unknown}; its options are {list(_METHOD_ARGS[method])}"
-        )
 
 
 @contextlib.contextmanager
@@ -109,6 +94,47 @@ class Explanation:
 
     saliency: Tensor
     logits: Tensor
+
+
+@dataclass(frozen=True)
+class ExplanationMethod:
+    """A registered explanation method: ``fn(model, x, labels, target, pool, create_graph,
+    classes, **options) -> Explanation`` and the keyword ``options`` it takes."""
+
+    name: str
+    fn: Callable[..., Explanation]
+    options: tuple[str, ...]
+
+
+#: name -> :class:`ExplanationMethod`, filled by :func:`register_method` (iterate it for the names).
+METHODS: dict[str, ExplanationMethod] = {}
+
+#: The arguments every method function takes before its own keyword options.
+_METHOD_PARAMS = ("model", "x", "labels", "target", "pool", "create_graph", "classes")
+
+
+def register_method(name: str) -> Callable[[Callable[..., Explanation]], Callable[..., Explanation]]:
+    """Decorator: register ``fn(model, x, labels, target, pool, create_graph, classes, **options)``
+    under ``name``; its options are the keyword parameters after those seven (with defaults)."""
+
+    def decorator(fn: Callable[..., Explanation]) -> Callable[..., Explanation]:
+        params = list(inspect.signature(fn).parameters)
+        if tuple(params[: len(_METHOD_PARAMS)]) != _METHOD_PARAMS:
+            raise TypeError(f"explanation method {name!r}: {fn.__name__} must take {_METHOD_PARAMS} first, got {params}")
+        METHODS[name] = ExplanationMethod(name, fn, tuple(params[len(_METHOD_PARAMS):]))
+        return fn
+
+    return decorator
+
+
+def check_method(method: str, method_kwargs: dict[str, Any] | None = None) -> None:
+    """Raise a clear error for an unknown method or a keyword the method does not take."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not a known explanation method; valid: {tuple(METHODS)}")
+    options = METHODS[method].options
+    unknown = sorted(set(method_kwargs or {}) - set(options))
+    if unknown:
+        raise ValueError(f"method={method!r} does not take {unknown}; its options are {list(options)}")
 
 
 def _require_grad(x: Tensor) -> Tensor:
@@ -186,42 +212,72 @@ def explain_unchecked(
     check_method(method, method_kwargs)
     if x.dim() != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-    b = x.shape[0]
     with torch.enable_grad():
-        if method in ("gradient", "grad_x_input"):
-            x = _require_grad(x)
-            g, logits = _gradient(model, x, labels, target, classes, create_graph)
-            attribution = g if method == "gradient" else g * x
-            return Explanation(saliency_from_gradient(attribution, pool), logits)
+        return METHODS[method].fn(model, x, labels, target, pool, create_graph, classes, **method_kwargs)
 
-        if method == "smoothgrad":
-            num = check_positive_int(method_kwargs.get("num_samples", 16), "smoothgrad num_samples")
-            noise = smoothgrad_noise(
-                tuple(x.shape[1:]), num, float(method_kwargs.get("noise_std", 0.15)),
-                method_kwargs.get("seed", 0), method_kwargs.get("generator"), x.device, x.dtype,
-            )
-            logits = model(x)  # logits at x: prediction check and the class to explain
-            if target == "logit" and classes is None:
-                classes = logits.detach().argmax(dim=1)
-            noisy = (x.unsqueeze(0) + noise).reshape(num * b, *x.shape[1:])
-            g, _ = _gradient(model, noisy, _repeat(labels, num), target, _repeat(classes, num), create_graph)
-            s = saliency_from_gradient(g, pool).view(num, b, -1).mean(0)
-            return Explanation(s, logits)
 
-        # integrated gradients, right Riemann sum: the last path point is x itself
-        steps = check_steps(method_kwargs.get("steps", 16), "integrated_gradients steps")
-        baseline = torch.as_tensor(method_kwargs.get("baseline", 0.0), dtype=x.dtype, device=x.device)
-        diff = x - baseline
-        alphas = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device).div_(steps)
-        path = (baseline + alphas.view(-1, 1, 1, 1, 1) * diff.unsqueeze(0)).reshape(steps * b, *x.shape[1:])
-        path = _require_grad(path)
-        path_logits = model(path)
-        logits = path_logits.view(steps, b, -1)[-1]
-        if target == "logit" and classes is None:
-            classes = logits.detach().argmax(dim=1)
-        scalar = explained_scalar(path_logits, _repeat(labels, steps), target, _repeat(classes, steps))
-        g = scalar_gradient(scalar, path, create_graph).view(steps, *x.shape).mean(0)
-        return Explanation(saliency_from_gradient(diff * g, pool), logits)
+# ------------------------------------------------------------------ the registered methods
+@register_method("gradient")
+def gradient_saliency(
+    model: nn.Module, x: Tensor, labels: Tensor | None, target: str, pool: int | None, create_graph: bool,
+    classes: Tensor | None,
+) -> Explanation:
+    """a(x) = g(x)."""
+    x = _require_grad(x)
+    g, logits = _gradient(model, x, labels, target, classes, create_graph)
+    return Explanation(saliency_from_gradient(g, pool), logits)
+
+
+@register_method("grad_x_input")
+def grad_x_input_saliency(
+    model: nn.Module, x: Tensor, labels: Tensor | None, target: str, pool: int | None, create_graph: bool,
+    classes: Tensor | None,
+) -> Explanation:
+    """a(x) = g(x) * x."""
+    x = _require_grad(x)
+    g, logits = _gradient(model, x, labels, target, classes, create_graph)
+    return Explanation(saliency_from_gradient(g * x, pool), logits)
+
+
+@register_method("smoothgrad")
+def smoothgrad_saliency(
+    model: nn.Module, x: Tensor, labels: Tensor | None, target: str, pool: int | None, create_graph: bool,
+    classes: Tensor | None, num_samples: int = 16, noise_std: float = 0.15, seed: int | None = 0,
+    generator: torch.Generator | None = None,
+) -> Explanation:
+    """s = mean_j s(x + sigma z_j) over ``num_samples`` noisy copies, one batch of N * B images."""
+    b = x.shape[0]
+    num = check_positive_int(num_samples, "smoothgrad num_samples")
+    noise = smoothgrad_noise(tuple(x.shape[1:]), num, float(noise_std), seed, generator, x.device, x.dtype)
+    logits = model(x)  # logits at x: prediction check and the class to explain
+    if target == "logit" and classes is None:
+        classes = logits.detach().argmax(dim=1)
+    noisy = (x.unsqueeze(0) + noise).reshape(num * b, *x.shape[1:])
+    g, _ = _gradient(model, noisy, _repeat(labels, num), target, _repeat(classes, num), create_graph)
+    s = saliency_from_gradient(g, pool).view(num, b, -1).mean(0)
+    return Explanation(s, logits)
+
+
+@register_method("integrated_gradients")
+def integrated_gradients_saliency(
+    model: nn.Module, x: Tensor, labels: Tensor | None, target: str, pool: int | None, create_graph: bool,
+    classes: Tensor | None, steps: int = 16, baseline: float | Tensor = 0.0,
+) -> Explanation:
+    """a(x) = (x - b) * mean_{j=1..m} g(b + (j/m)(x - b)), right Riemann sum: the last point is x."""
+    b = x.shape[0]
+    steps = check_steps(steps, "integrated_gradients steps")
+    baseline = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    diff = x - baseline
+    alphas = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device).div_(steps)
+    path = (baseline + alphas.view(-1, 1, 1, 1, 1) * diff.unsqueeze(0)).reshape(steps * b, *x.shape[1:])
+    path = _require_grad(path)
+    path_logits = model(path)
+    logits = path_logits.view(steps, b, -1)[-1]
+    if target == "logit" and classes is None:
+        classes = logits.detach().argmax(dim=1)
+    scalar = explained_scalar(path_logits, _repeat(labels, steps), target, _repeat(classes, steps))
+    g = scalar_gradient(scalar, path, create_graph).view(steps, *x.shape).mean(0)
+    return Explanation(saliency_from_gradient(diff * g, pool), logits)
 
 
 def explain(

@@ -19,12 +19,17 @@ grad_norm      CE + w ||g||^2
 
 With ``adaptive=True`` each l_m = w_m (CE + 1) / |R_m| (detached), else l_m = w_m, where
 w_m = ``weight_gap`` / ``weight_curvature`` when given, else ``weight``.
+
+``OBJECTIVES`` maps each name to an :class:`ObjectiveEntry` (factory plus the metadata that
+RobustClassifier and the CLI check: options, uses_k, k_option, double_backprop), filled by
+:func:`register_objective` (``at`` is registered in :mod:`explanations.adversarial_training`).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -215,30 +220,115 @@ class GradientNorm(_InputGradientObjective):
         return ObjectiveOutput(loss, logits, {"ce": ce.detach(), "grad_norm": norm.detach(), "loss": loss.detach()})
 
 
-_THICKNESS = {
-    "r2et": dict(gap=True, curvature=True),
-    "r2et_noh": dict(gap=True, curvature=False),
-    "r2et_mm": dict(gap=True, curvature=True, pair_set="minmax"),
-    "r2et_mm_noh": dict(gap=True, curvature=False, pair_set="minmax"),
-    "est_h": dict(gap=False, curvature=True),
-}
-_THICKNESS_ARGS = ("k", "pair_set", "minmax_m", "h", "adaptive", "weight", "weight_gap", "weight_curvature", "target", "pool")
-
-OBJECTIVES: dict[str, Callable[..., Objective]] = {"vanilla": lambda **_: Vanilla()}
-for _name, _fixed in _THICKNESS.items():
-    OBJECTIVES[_name] = lambda _fixed=_fixed, _name=_name, **kw: ThicknessSurrogate(
-        name=_name, **{**{a: kw[a] for a in _THICKNESS_ARGS if a in kw}, **_fixed}
-    )
-OBJECTIVES["grad_norm"] = lambda **kw: GradientNorm(**{a: kw[a] for a in ("weight", "target") if a in kw})
+#: The objective settings every factory is offered: the top-level ``model.*`` arguments of
+#: RobustClassifier (an objective takes those it knows); anything else is an objective option.
+SHARED_SETTINGS: tuple[str, ...] = (
+    "k", "pair_set", "minmax_m", "h", "adaptive", "weight", "weight_gap", "weight_curvature", "target", "pool",
+)
 
 
-def register_objective(name: str, factory: Callable[..., Objective]) -> None:
-    """Add an objective factory ``factory(**config) -> Objective`` under ``name``."""
-    OBJECTIVES[name] = factory
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """A registered objective and its metadata (read by RobustClassifier and the CLI).
+
+    factory: ``factory(**config) -> Objective``, given the shared settings and the options
+        (it takes those it knows). options: the ``model.objective_kwargs`` keys it takes (every
+        other key is refused). uses_k: it reads ``k`` (checked against the image size).
+        k_option: the option that replaces ``k`` for it when given (checked the same way).
+        double_backprop: its loss differentiates an input gradient (no fp16, no SyncBatchNorm,
+        no torch.compile).
+    """
+
+    name: str
+    factory: Callable[..., Objective]
+    options: tuple[str, ...] = ()
+    uses_k: bool = False
+    k_option: str | None = None
+    double_backprop: bool = False
+
+
+#: name -> :class:`ObjectiveEntry`, filled by :func:`register_objective`.
+OBJECTIVES: dict[str, ObjectiveEntry] = {}
+
+
+def _class_factory(cls: type[Objective]) -> Callable[..., Objective]:
+    """``cls(**the config keys its constructor takes)``."""
+    takes = set(inspect.signature(cls).parameters)
+    return lambda **config: cls(**{key: value for key, value in config.items() if key in takes})
+
+
+def register_objective(
+    name: str,
+    factory: Callable[..., Objective] | None = None,
+    *,
+    options: Sequence[str] | None = None,
+    uses_k: bool | None = None,
+    k_option: str | None = None,
+    double_backprop: bool | None = None,
+):
+    """Register an objective under ``name``, as a call or as a decorator (of a factory function
+    or of an :class:`Objective` subclass):
+
+        register_objective("mine", build_mine, options=("alpha",), uses_k=True, double_backprop=True)
+
+        @register_objective("mine")
+        class Mine(Objective): ...
+
+    For a class, the factory passes the config keys its constructor takes, and the metadata
+    default to its signature: options = its parameters that are not ``SHARED_SETTINGS``, uses_k =
+    it takes ``k``, double_backprop = its class attribute. For a function they default to
+    none / False. The built objective must agree on ``double_backprop`` (:func:`build_objective`).
+    """
+
+    def add(target: Callable[..., Objective]) -> Callable[..., Objective]:
+        is_class = isinstance(target, type)
+        params = set(inspect.signature(target).parameters) if is_class else set()
+        OBJECTIVES[name] = ObjectiveEntry(
+            name=name,
+            factory=_class_factory(target) if is_class else target,
+            options=tuple(options) if options is not None else tuple(sorted(params - set(SHARED_SETTINGS))),
+            uses_k=bool(uses_k) if uses_k is not None else "k" in params,
+            k_option=k_option,
+            double_backprop=(bool(double_backprop) if double_backprop is not None
+                             else bool(getattr(target, "double_backprop", False)) if is_class else False),
+        )
+        return target
+
+    return add if factory is None else add(factory)
+
+
+def _thickness(name: str, **fixed: object) -> None:
+    """Register the R2ET-family member ``name``: ThicknessSurrogate with ``fixed`` settings."""
+    def factory(**config: object) -> ThicknessSurrogate:
+        return ThicknessSurrogate(name=name, **{**{a: config[a] for a in SHARED_SETTINGS if a in config}, **fixed})
+
+    register_objective(name, factory, uses_k=bool(fixed["gap"]), double_backprop=True)
+
+
+register_objective("vanilla", Vanilla)
+_thickness("r2et", gap=True, curvature=True)
+_thickness("r2et_noh", gap=True, curvature=False)
+_thickness("r2et_mm", gap=True, curvature=True, pair_set="minmax")
+_thickness("r2et_mm_noh", gap=True, curvature=False, pair_set="minmax")
+_thickness("est_h", gap=False, curvature=True)
+register_objective("grad_norm", GradientNorm)
+
+
+def objective_entry(name: str) -> ObjectiveEntry:
+    """``OBJECTIVES[name]`` with a clear error naming the valid names."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} is not known; valid: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 def build_objective(name: str, **config) -> Objective:
     """Build the objective ``name`` from the shared config keys (unused keys are ignored)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective={name!r} is not known; valid: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](**config)
+    entry = objective_entry(name)
+    objective = entry.factory(**config)
+    if bool(getattr(objective, "double_backprop", False)) != entry.double_backprop:
+        raise ValueError(
+            f"objective {name!r} is registered with double_backprop={entry.double_backprop} but builds "
+            f"{type(objective).__name__} with double_backprop={objective.double_backprop}; register it with "
+            f"double_backprop={objective.double_backprop}"
+        )
+    return objective

@@ -11,7 +11,6 @@ import copy
 import importlib
 import logging
 import warnings
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -25,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
-from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, build_objective
+from explanations.objectives import AUTOCAST_MIN_H, OBJECTIVES, SHARED_SETTINGS, build_objective, objective_entry
 from explanations.precision import set_tf32, tf32_flags
 from explanations.saliency import num_features
 from explanations.validation import check_k, check_pool
@@ -205,11 +204,7 @@ class RobustClassifier(L.LightningModule):
             return
         if self._trainer is not None:
             check_precision(self.hparams.objective, self.trainer.precision)
-        if any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):
-            raise RuntimeError(
-                f"objective={self.hparams.objective!r} needs double backward, which SyncBatchNorm "
-                "does not support; set trainer.sync_batchnorm: false"
-            )
+        check_sync_batchnorm(self.hparams.objective, any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()))
         if getattr(self, "_compiler_ctx", None) is not None:
             raise RuntimeError(
                 f"objective={self.hparams.objective!r} needs double backward, which torch.compile "
@@ -359,46 +354,36 @@ class RobustClassifier(L.LightningModule):
 
 FP16_PRECISIONS = ("16", "16-mixed", "16-true")
 
-#: Keys ``model.objective_kwargs`` accepts per objective; every other setting is a top-level
-#: ``model.*`` argument (k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature,
-#: target, pool). An objective not listed here (registered by user code) gets its kwargs unchecked.
-OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "vanilla": (), "r2et": (), "r2et_noh": (), "r2et_mm": (), "r2et_mm_noh": (), "est_h": (),
-    "grad_norm": (),
-    "at": ("eps", "steps", "step_size", "clean_weight", "random_start", "step", "method",
-           "attack_k", "attack_pair_set"),
-}
-
-
 def check_objective_settings(
     objective: str, k: object, pool: int | None, objective_kwargs: dict[str, Any] | None
 ) -> None:
-    """Refuse an unknown objective, an invalid ``k``/``pool`` and unknown ``objective_kwargs`` keys.
+    """Refuse an unknown objective, an invalid ``k``/``pool`` and ``objective_kwargs`` keys that
+    are not options of the objective's registry entry (``OBJECTIVES[objective].options``).
 
     The error names the value and lists the valid ones (the objective factories would otherwise
     ignore unknown keys, e.g. a typo ``stepz: 3``).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not known; valid: {sorted(OBJECTIVES)}")
+    entry = objective_entry(objective)
     check_k(k)
     check_pool(pool)
     if objective_kwargs is not None and not isinstance(objective_kwargs, dict):
         raise ValueError(f"objective_kwargs={objective_kwargs!r} must be a mapping of option names to values")
-    valid = OBJECTIVE_OPTIONS.get(objective)
-    unknown = sorted(set(objective_kwargs or {}) - set(valid)) if valid is not None else []
+    valid = entry.options
+    unknown = sorted(set(objective_kwargs or {}) - set(valid))
     if unknown:
-        shared = "k, pair_set, minmax_m, h, adaptive, weight, weight_gap, weight_curvature, target, pool"
+        shared = ", ".join(SHARED_SETTINGS)
         listed = f"valid objective_kwargs for {objective!r}: {list(valid)}" if valid else f"objective {objective!r} takes no objective_kwargs"
         raise ValueError(
             f"objective_kwargs key(s) {unknown} not known for objective={objective!r}; {listed} "
             f"(the shared settings {shared} are top-level model.* arguments)"
         )
-    if "attack_k" in (objective_kwargs or {}):
-        check_k(objective_kwargs["attack_k"], "objective_kwargs.attack_k")
+    if entry.k_option is not None and entry.k_option in (objective_kwargs or {}):
+        check_k(objective_kwargs[entry.k_option], f"objective_kwargs.{entry.k_option}")
 
 
 def check_against_data(hparams: Any, datamodule: Any) -> None:
-    """Refuse a model whose ``num_classes``, ``in_chans``, ``k`` or ``pool`` cannot fit the data.
+    """Refuse a model whose ``num_classes``, ``in_chans``, ``k`` or ``pool`` cannot fit the data
+    (``k`` where the objective's registry entry ``uses_k``, or its ``k_option`` when given).
 
     Uses the DataModule contract properties (``num_classes``, ``in_chans``, ``image_size``), which
     every project DataModule has before ``setup``; a DataModule without them is not checked.
@@ -409,17 +394,16 @@ def check_against_data(hparams: Any, datamodule: Any) -> None:
         if want is not None and have is not None and int(have) != int(want):
             problems.append(f"model.{key}={have} but the data ({type(datamodule).__name__}) has {key}={want}; set model.{key}: {want}")
     size = getattr(datamodule, "image_size", None)
-    objective = hparams.get("objective")
-    uses_k = objective in ("r2et", "r2et_noh", "r2et_mm", "r2et_mm_noh", "at")
+    entry = OBJECTIVES.get(hparams.get("objective"))
     if size is not None:
         pool = hparams.get("pool")
         if pool and pool > 1 and size % pool:
             problems.append(f"model.pool={pool} does not divide the image size {size}; valid: a divisor of {size}")
         n = num_features(size, size, pool)
-        ks = [("model.k", hparams.get("k"))] if uses_k else []
-        attack_k = (hparams.get("objective_kwargs") or {}).get("attack_k")
-        if objective == "at" and attack_k is not None:
-            ks = [("model.objective_kwargs.attack_k", attack_k)]
+        ks = [("model.k", hparams.get("k"))] if entry is not None and entry.uses_k else []
+        option_k = (hparams.get("objective_kwargs") or {}).get(entry.k_option) if entry and entry.k_option else None
+        if option_k is not None:  # e.g. at's attack_k: the k the objective uses in place of model.k
+            ks = [(f"model.objective_kwargs.{entry.k_option}", option_k)]
         for name, k in ks:
             if isinstance(k, int) and not 1 <= k <= n:
                 problems.append(f"{name}={k} is out of range for {size}x{size} images (pool={pool}): "
@@ -493,19 +477,38 @@ def _same_module_backbone(saved: dict[str, Any], hparams: dict[str, Any]) -> dic
 
 
 def check_precision(objective: str, precision: object) -> None:
-    """Refuse fp16 for a double-backprop objective (bf16 and fp32 work).
+    """Refuse fp16 for an objective registered with ``double_backprop`` (bf16 and fp32 work);
+    the CLI (before anything is built) and ``on_fit_start`` both call it.
 
     Loss scaling protects only the final backward: the input gradient that the regularizer (or
     the AT attack) differentiates is computed unscaled inside the step, and fp16's range (smallest
     normal 6e-5) flushes or coarsens the small per-pixel gradients the ranking is built from.
     bf16 has fp32's exponent range.
     """
-    if str(precision) in FP16_PRECISIONS:
+    if str(precision) in FP16_PRECISIONS and _double_backprop(objective):
         raise RuntimeError(
-            f"precision={precision!r} (fp16) cannot be used with objective={objective!r}: its double "
-            "backprop needs the input gradient unscaled, which fp16 loss scaling does not protect "
-            "from underflow; use trainer.precision: bf16-mixed (GPU or CPU) or 32-true"
+            f"trainer.precision={precision!r} (fp16) cannot be used with model.objective={objective!r}: its double "
+            "backprop needs the input gradient unscaled, which fp16 loss scaling does not protect from underflow; "
+            "use trainer.precision: bf16-mixed (GPU or CPU) or 32-true"
         )
+
+
+def check_sync_batchnorm(objective: str, sync_batchnorm: bool) -> None:
+    """Refuse SyncBatchNorm (``trainer.sync_batchnorm: true``, or SyncBatchNorm layers in the model)
+    for an objective registered with ``double_backprop``: SyncBatchNorm has no double backward.
+    The CLI (before anything is built) and ``on_fit_start`` both call it."""
+    if sync_batchnorm and _double_backprop(objective):
+        raise RuntimeError(
+            f"trainer.sync_batchnorm=true (SyncBatchNorm) cannot be used with model.objective={objective!r}: "
+            "SyncBatchNorm does not support the double backward the objective needs; set trainer.sync_batchnorm: false"
+        )
+
+
+def _double_backprop(objective: str) -> bool:
+    """The registry's ``double_backprop`` of ``objective`` (False for an unknown name, which the
+    model's constructor refuses with the valid names)."""
+    entry = OBJECTIVES.get(objective)
+    return entry is not None and entry.double_backprop
 
 
 def guard_curvature_precision(objective, device_type: str, precision: str) -> tuple[bool, bool] | None:

@@ -27,7 +27,7 @@ from lightning_modules.checkpoints import (
     hparams_differences,
     read_checkpoint,
 )
-from lightning_modules.classifier import FP16_PRECISIONS, RobustClassifier
+from lightning_modules.classifier import RobustClassifier, check_precision, check_sync_batchnorm
 from lightning_modules.reliability import (
     UnwritableDirError,
     check_output_dirs,
@@ -160,23 +160,16 @@ class RobustCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = config.get("trainer", {})
         objective = config.get("model", {}).get("objective", "vanilla")
-        if objective != "vanilla" and objective is not None and trainer.get("sync_batchnorm"):
-            raise SystemExit(
-                f"error: trainer.sync_batchnorm=true cannot be used with model.objective={objective!r}: "
-                "SyncBatchNorm does not support double backward; set trainer.sync_batchnorm: false"
-            )
+        try:  # before anything is built (the model repeats these in on_fit_start)
+            check_sync_batchnorm(objective, bool(trainer.get("sync_batchnorm")))
+            check_precision(objective, trainer.get("precision"))
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}") from None
         self._check_callback_flags(trainer)
         check_batch_limits(self.subcommand, trainer, getattr(self, "_integer_limits", {}))
         check_output_dirs(trainer)  # before the loggers exist: their constructors may write
         if self.subcommand in ("validate", "test"):
             self._check_what_is_evaluated(config)
-        precision = trainer.get("precision")
-        if objective != "vanilla" and objective is not None and str(precision) in FP16_PRECISIONS:
-            raise SystemExit(
-                f"error: trainer.precision={precision!r} (fp16) cannot be used with model.objective={objective!r}: "
-                "its double backprop needs the input gradient unscaled, which fp16 loss scaling does not "
-                "protect from underflow; use trainer.precision: bf16-mixed or 32-true"
-            )
 
     def _check_what_is_evaluated(self, config: Any) -> None:
         """validate/test: refuse a model without trained weights, and a checkpoint or external weights

@@ -18,7 +18,6 @@ import glob
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from explanations import build_objective
-from explanations.attacks import build_attack
+from explanations.attacks import ATTACKS, build_attack
 from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
 from explanations.objectives import OBJECTIVES
@@ -74,14 +74,14 @@ def test_bf16_mixed_trains_every_objective(objective):
     assert logged and all(torch.isfinite(v) for v in logged.values()), logged
 
 
-@pytest.mark.parametrize("name", ["er", "mse"])
+@pytest.mark.parametrize("name", list(ATTACKS))
 def test_attacks_keep_their_contract_on_the_device(name):
     torch.manual_seed(0)
     model = build_backbone("resnet9", num_classes=10, width=8, activation="softplus").to(DEVICE).eval()
     x = torch.rand(8, 3, 32, 32, device=DEVICE)
     y = model(x).argmax(1)
     eps = 8 / 255
-    attack = build_attack(name, model, eps=eps, steps=10, k=100)
+    attack = build_attack(name, model, dict(eps=eps, steps=10, k=100))
     x_adv = attack(x, y)
     assert x_adv.device == x.device and x_adv.dtype == x.dtype
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1

@@ -12,9 +12,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from explanations import OBJECTIVES, ERAttack, MSEAttack, build_objective
+from explanations import ATTACKS, OBJECTIVES, build_attack, build_objective
 from lightning_modules.backbones import build_backbone
-from lightning_modules.classifier import RobustClassifier, check_precision, guard_curvature_precision
+from lightning_modules.classifier import (
+    RobustClassifier,
+    check_precision,
+    check_sync_batchnorm,
+    guard_curvature_precision,
+)
 from lightning_modules.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +49,12 @@ def test_every_objective_runs_under_bf16_autocast(model_and_batch, name):
     assert sum(g is not None for g in grads) > 0
 
 
-@pytest.mark.parametrize("attack", [ERAttack, MSEAttack])
-def test_attacks_run_under_bf16_autocast(model_and_batch, attack):
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attacks_run_under_bf16_autocast(model_and_batch, name):
     model, x, y = model_and_batch
     eps = 8 / 255
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x_adv = attack(model, eps=eps, steps=2, k=16)(x, y)
+        x_adv = build_attack(name, model, dict(eps=eps, steps=2, k=16))(x, y)
     assert x_adv.dtype == x.dtype and torch.isfinite(x_adv).all()
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert model.training  # the attack restored the mode
@@ -91,6 +96,20 @@ def test_fp16_is_refused_for_double_backprop(precision):
         check_precision("r2et", precision)
     for ok in ("bf16-mixed", "32-true", "bf16-true", "64-true"):
         check_precision("r2et", ok)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_fp16_and_sync_batchnorm_are_refused_exactly_for_registered_double_backprop(name):
+    """The registry's ``double_backprop`` decides (the CLI and on_fit_start call these checks)."""
+    if OBJECTIVES[name].double_backprop:
+        with pytest.raises(RuntimeError, match=rf"trainer.precision='16-mixed' \(fp16\) .* model.objective='{name}'"):
+            check_precision(name, "16-mixed")
+        with pytest.raises(RuntimeError, match=rf"trainer.sync_batchnorm=true .* model.objective='{name}'"):
+            check_sync_batchnorm(name, True)
+    else:
+        check_precision(name, "16-mixed")
+        check_sync_batchnorm(name, True)
+    check_sync_batchnorm(name, False)
 
 
 def test_on_fit_start_refuses_fp16_but_not_for_vanilla():

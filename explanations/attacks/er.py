@@ -11,10 +11,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from explanations.attacks.base import RankingAttack
+from explanations.attacks.registry import register_attack
 from explanations.regularizers import block_gap
 from explanations.saliency import ranking
 
 
+@register_attack
 class ERAttack(RankingAttack):
     """Explanation-ranking attack: minimise the frozen top-k gap (best iterate, APGD schedule).
 

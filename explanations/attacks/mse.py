@@ -12,9 +12,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from explanations.attacks.base import RankingAttack
+from explanations.attacks.registry import register_attack
 from explanations.pgd import uniform_in_ball
 
 
+@register_attack
 class MSEAttack(RankingAttack):
     """Maximise ||s(x') - s(x)||_2 with the best-iterate machinery of :class:`RankingAttack`.
 

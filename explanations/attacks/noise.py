@@ -1,4 +1,8 @@
-"""UniformNoise: the noise baseline of the same budget, shaped like an attack.
+"""UniformNoise: the noise baseline of the same budget, registered as the attack ``noise``.
+
+It is an attack like the others for the registry and the evaluation protocol (same call shape and
+after-call attributes); it is no optimiser, so its options (``UniformNoise.options``) hold no
+``steps``, ``pair_set``, ``restarts`` or ``surrogate_beta``.
 
 ``x' = clip_[0,1](x + eps (2u - 1))`` with u uniform per pixel from the counter-based stream
 (``seed``, ``stream`` + draw, ``ids[i]``) (:func:`explanations.pgd.uniform_in_ball`), the same
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from explanations.attacks.registry import register_attack
 from explanations.explainers import check_method, eval_mode, explain_unchecked
 from explanations.pgd import uniform_in_ball
 from explanations.ranking_metrics import precision_at_k
@@ -35,6 +40,7 @@ from explanations.validation import (
 NOISE_STREAM = 500
 
 
+@register_attack
 class UniformNoise:
     """Uniform noise in the l_inf ball, prediction kept (see the module docstring).
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explanations import OBJECTIVES, build_objective
-from explanations.attacks import ERAttack, MSEAttack, build_attack
+from explanations.attacks import ATTACKS, ERAttack, MSEAttack, build_attack
 from explanations.pgd import uniform_in_ball
 from explanations.regularizers import block_gap
 from explanations.explainers import explain
@@ -99,22 +99,26 @@ def test_er_attack_beats_noise_of_the_same_budget(trained):
     assert d_mse > 2 * d_noise
 
 
+#: Settings offered to every registered attack (each takes those among its ``options``).
+SHARED = dict(eps=16 / 255, steps=4, k=10)
+
+
 @pytest.mark.parametrize(
-    "cls, kwargs",
-    [
-        (ERAttack, dict()),
-        (ERAttack, dict(step="l2", pair_set="all", random_start=True)),
-        (ERAttack, dict(pair_set="minmax", method="smoothgrad", method_kwargs={"num_samples": 2})),
-        (ERAttack, dict(target="logit", method="integrated_gradients", method_kwargs={"steps": 3})),
-        (MSEAttack, dict()),
-        (MSEAttack, dict(random_start=False, method="grad_x_input")),
+    "name, kwargs",
+    [(name, {}) for name in ATTACKS]  # every registered attack with its defaults
+    + [
+        ("er", dict(step="l2", pair_set="all", random_start=True)),
+        ("er", dict(pair_set="minmax", method="smoothgrad", method_kwargs={"num_samples": 2})),
+        ("er", dict(target="logit", method="integrated_gradients", method_kwargs={"steps": 3})),
+        ("mse", dict(random_start=False, method="grad_x_input")),
+        ("noise", dict(draws=3, target="logit")),
     ],
 )
-def test_batched_equals_per_sample_loop(cls, kwargs):
+def test_batched_equals_per_sample_loop(name, kwargs):
     model = small_double_model()
     x, y = double_data(6)
     ids = torch.arange(100, 106)
-    attack = cls(model, eps=16 / 255, steps=4, k=10, **kwargs)
+    attack = build_attack(name, model, SHARED, **kwargs)
     batched = attack(x, y, ids=ids)
     flipped, taken = attack.flipped.clone(), attack.steps_taken.clone()
     singles, single_taken = [], []
@@ -124,6 +128,35 @@ def test_batched_equals_per_sample_loop(cls, kwargs):
     torch.testing.assert_close(batched, torch.cat(singles), rtol=0, atol=1e-12)
     assert torch.equal(taken, torch.cat(single_taken))
     assert flipped.dtype == torch.bool
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_every_registered_attack_keeps_the_contract(trained, name):
+    """In the ball and in [0, 1], every prediction kept, the model's mode and parameter gradients
+    untouched, and ``p_at_k`` / ``flipped`` / ``steps_taken`` / ``clean_logits`` as measured."""
+    model, x, y = trained
+    model.eval()
+    eps, k = 8 / 255, 8
+    attack = build_attack(name, model, dict(eps=eps, steps=3, k=k))
+    x_adv = attack(x, y, torch.arange(x.shape[0]))
+    check_constraints(model, x, x_adv, eps)
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    torch.testing.assert_close(attack.p_at_k.float(), precision_at_k(explain(model, x, y), explain(model, x_adv, y), k))
+    assert attack.flipped.shape == (x.shape[0],) and attack.flipped.dtype == torch.bool
+    assert attack.steps_taken.shape == (x.shape[0],)
+    if "steps" not in type(attack).options:  # not an optimiser (the noise baseline): no steps
+        assert (attack.steps_taken == 0).all()
+    torch.testing.assert_close(attack.clean_logits, model(x).detach())
+
+
+def test_an_attack_given_an_option_it_does_not_take_is_refused_naming_its_options():
+    model = small_double_model()
+    with pytest.raises(TypeError, match=r"attack 'noise' \(UniformNoise\) does not take \['steps'\]; its options: .*'draws'"):
+        build_attack("noise", model, steps=3)
+    with pytest.raises(TypeError, match=r"attack 'er' \(ERAttack\) does not take \['stepz'\]"):
+        build_attack("er", model, stepz=3)
+    noise = build_attack("noise", model, dict(eps=2 / 255, steps=3, pair_set="all"))  # shared: takes only eps
+    assert noise.eps == pytest.approx(2 / 255)
 
 
 def test_legacy_prediction_flip_keeps_last_unflipped_iterate():
@@ -148,8 +181,8 @@ def test_mode_restored_and_parameter_grads_untouched():
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
     running = model[1].running_mean.clone()
-    for name in ("er", "mse"):
-        build_attack(name, model, eps=4 / 255, steps=2, k=5)(x, y)
+    for name in ATTACKS:
+        build_attack(name, model, dict(eps=4 / 255, steps=2, k=5))(x, y)
     assert model.training and model[0].training and not model[1].training
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
     assert torch.equal(model[1].running_mean, running)

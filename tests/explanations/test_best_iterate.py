@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explanations.attacks import (
+    ATTACKS,
     ERAttack,
     MSEAttack,
     UniformNoise,
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 CONTRAST = 0.08
+#: The registered optimisers (attacks with steps and restarts; not the noise baseline): the
+#: best-iterate machinery's guarantees hold for each.
+OPTIMISERS = [name for name, cls in ATTACKS.items() if {"steps", "restarts", "step_size"} <= cls.options]
 
 
 def quadrant_data(n: int, g: torch.Generator, contrast: float = 0.3):
@@ -153,9 +157,10 @@ def test_new_attack_at_least_as_strong_as_legacy_per_image(trained):
     assert p_auto.mean() < p_old.mean() - 0.02, (p_auto.mean(), p_old.mean())
 
 
-def test_flip_is_undone_and_the_sample_continues(trained):
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_flip_is_undone_and_the_sample_continues(trained, name):
     model, x, y = trained
-    attack = ERAttack(model, eps=0.3, steps=8, step_size=0.1, k=14)
+    attack = ATTACKS[name](model, eps=0.3, steps=8, step_size=0.1, k=14)
     x_adv = attack(x, y)
     assert kept_prediction(model, x, x_adv)
     assert (x_adv - x).abs().max() <= 0.3 + 1e-9 and x_adv.min() >= 0 and x_adv.max() <= 1
@@ -164,20 +169,22 @@ def test_flip_is_undone_and_the_sample_continues(trained):
     assert torch.equal(attack.steps_taken + attack.undone, torch.full_like(attack.undone, 8))
 
 
-def test_more_steps_restarts_and_a_warm_started_larger_ball_never_weaken(trained):
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_more_steps_restarts_and_a_warm_started_larger_ball_never_weaken(trained, name):
     model, x, y = trained
+    cls = ATTACKS[name]
     k, ids = 14, torch.arange(x.shape[0])
-    short = ERAttack(model, eps=4 / 255, steps=4, step_size=1 / 255, k=k)
+    short = cls(model, eps=4 / 255, steps=4, step_size=1 / 255, k=k)
     x4 = short(x, y, ids)
-    longer = ERAttack(model, eps=4 / 255, steps=9, step_size=1 / 255, k=k)
+    longer = cls(model, eps=4 / 255, steps=9, step_size=1 / 255, k=k)
     longer(x, y, ids)
     assert (longer.p_at_k <= short.p_at_k).all()
-    one = ERAttack(model, eps=4 / 255, steps=4, k=k, restarts=1, random_start=True)
-    three = ERAttack(model, eps=4 / 255, steps=4, k=k, restarts=3, random_start=True)
+    one = cls(model, eps=4 / 255, steps=4, k=k, restarts=1, random_start=True)
+    three = cls(model, eps=4 / 255, steps=4, k=k, restarts=3, random_start=True)
     one(x, y, ids)
     three(x, y, ids)
     assert (three.p_at_k <= one.p_at_k).all() and three.p_at_k.mean() <= one.p_at_k.mean()
-    wide = ERAttack(model, eps=8 / 255, steps=4, k=k)
+    wide = cls(model, eps=8 / 255, steps=4, k=k)
     x8 = wide(x, y, ids, x_init=x4)
     assert (wide.p_at_k <= short.p_at_k).all()
     assert (x8 - x).abs().max() <= 8 / 255 + 1e-9

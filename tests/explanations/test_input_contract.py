@@ -14,7 +14,7 @@ from explanations import (
     AdversarialTraining,
     PaperERAttack,
     PSESettings,
-    UniformNoise,
+    build_attack,
     build_objective,
     explain,
     explain_with_logits,
@@ -42,19 +42,19 @@ def images(b: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(b, 3, 8, 8, generator=g), torch.randint(0, 3, (b,), generator=g)
 
 
-def _ranking_attack(cls):
-    return lambda model, eps=8 / 255, steps=2: cls(model, eps=eps, steps=steps, k=5)
+def _registered(name):
+    """Build the registered attack ``name`` from (model, eps, steps), passing what it takes."""
+    return lambda model, eps=8 / 255, steps=2: build_attack(name, model, dict(eps=eps, steps=steps, k=5))
 
 
-#: Every attack of the project, built from (model, eps, steps): the registry plus the noise
-#: baseline and the paper preset (whose box radius is steps * step_size normalised units).
+#: Every attack of the project, built from (model, eps, steps): the registry (the noise baseline
+#: included) plus the paper preset (whose box radius is steps * step_size normalised units).
 ATTACK_FACTORIES = {
-    **{name: _ranking_attack(cls) for name, cls in ATTACKS.items()},
-    "noise": lambda model, eps=8 / 255, steps=None: UniformNoise(model, eps=eps, k=5),
+    **{name: _registered(name) for name in ATTACKS},
     "er_paper": lambda model, eps=None, steps=2: PaperERAttack(model, MEAN, STD, steps=steps, step_size=5e-3, k=5),
 }
-TAKES_EPS = [n for n in ATTACK_FACTORIES if n != "er_paper"]
-TAKES_STEPS = [n for n in ATTACK_FACTORIES if n != "noise"]
+TAKES_EPS = [n for n, cls in ATTACKS.items() if "eps" in cls.options]
+TAKES_STEPS = [n for n, cls in ATTACKS.items() if "steps" in cls.options] + ["er_paper"]
 
 
 def bad_images() -> dict[str, tuple[torch.Tensor, str]]:
@@ -131,7 +131,7 @@ def test_images_are_checked_once_per_call_not_per_step(name, monkeypatch):
     model = tiny_model()
     x, y = images()
     factory = ATTACK_FACTORIES[name]
-    attack = factory(model) if name == "noise" else factory(model, steps=5)
+    attack = factory(model, steps=5)
     attack(x, y)
     assert len(calls) == 1
 
@@ -244,7 +244,7 @@ def test_pool_zero_is_refused_instead_of_meaning_no_pooling():
         explain(model, x, y, pool=0)
     for name in TAKES_EPS:
         with pytest.raises(ValueError, match=match):
-            (ATTACKS.get(name) or UniformNoise)(model, eps=8 / 255, k=5, pool=0)
+            ATTACKS[name](model, eps=8 / 255, k=5, pool=0)
 
 
 def test_integrated_gradients_with_zero_steps_is_refused():

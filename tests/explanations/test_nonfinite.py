@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import explanations  # noqa: F401  (registers every objective, e.g. ``at``)
-from explanations.attacks import ERAttack, MSEAttack
+from explanations.attacks import ATTACKS, build_attack
 from explanations.objectives import OBJECTIVES, build_objective
 from explanations.ranking_metrics import kept_pair_fraction, precision_at_k, topk_thickness
 from explanations.regularizers import adaptive_weight, gap_term
@@ -128,24 +128,24 @@ def test_gap_term_with_all_features_tied(pair_set):
     assert gap_term(torch.zeros(2, N), N).tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("attack_cls", [ERAttack, MSEAttack])
-def test_attacks_finite_and_in_ball_on_degenerate_inputs(attack_cls):
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attacks_finite_and_in_ball_on_degenerate_inputs(name):
     eps = 8 / 255
     cases = [(m, i, "sign") for m, i in DEGENERATE] + [("constant", "black", "l2"), ("resnet9", "black", "l2")]
     for model_name, image, step in cases:
         x = IMAGES[image]()
-        attack = attack_cls(MODELS[model_name](), eps=eps, steps=2, k=N, step=step)  # k = n as well
+        attack = build_attack(name, MODELS[model_name](), dict(eps=eps, steps=2, k=N, step=step))  # k = n as well
         x_adv = attack(x, LABELS)
         assert torch.isfinite(x_adv).all(), (model_name, image, step)
         assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
 
 
-@pytest.mark.parametrize("attack_cls", [ERAttack, MSEAttack])
-def test_attacks_under_bf16_autocast(attack_cls):
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attacks_under_bf16_autocast(name):
     eps = 4 / 255
     x = IMAGES["random"]()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x_adv = attack_cls(resnet(), eps=eps, steps=2, k=N // 4)(x, LABELS)
+        x_adv = build_attack(name, resnet(), dict(eps=eps, steps=2, k=N // 4))(x, LABELS)
     assert torch.isfinite(x_adv).all() and (x_adv - x).abs().max() <= eps + 1e-6
 
 

@@ -90,3 +90,30 @@ def test_k_out_of_range_fails_early_with_value():
     model = make_model()
     with pytest.raises(ValueError, match="k=65"):
         build_objective("r2et_noh", k=65)(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_registered_objective_trains_and_its_metadata_holds(name, monkeypatch):
+    """Each registry entry: a finite loss with finite parameter gradients; ``double_backprop`` is
+    true exactly when the loss is built from a graph-carrying input gradient; ``uses_k`` exactly
+    when ``k`` changes the loss (its ``k_option``, when it has one, too)."""
+    entry = OBJECTIVES[name]
+    x, y = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    create_graph: list[bool] = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: create_graph.append(bool(kw.get("create_graph"))) or grad(*a, **kw))
+
+    def loss(**config):
+        model = make_model().train()
+        torch.manual_seed(1)  # the curvature term's random direction
+        out = build_objective(name, steps=1, **config)(model, x, y)  # (steps: the AT attack's option)
+        assert torch.isfinite(out.loss) and out.logits.shape == (4, 5) and "ce" in out.terms
+        assert all(torch.isfinite(g).all() for g in grad(out.loss, list(model.parameters()), allow_unused=True) if g is not None)
+        return out.loss.detach()
+
+    base = loss(k=8, adaptive=False)  # (adaptive weights make l_G R_G independent of |R_G|)
+    assert any(create_graph) == entry.double_backprop, create_graph
+    assert build_objective(name).double_backprop == entry.double_backprop
+    assert (not torch.equal(loss(k=24, adaptive=False), base)) == entry.uses_k
+    if entry.k_option is not None:
+        assert not torch.equal(loss(k=8, adaptive=False, **{entry.k_option: 24}), base)

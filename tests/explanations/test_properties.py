@@ -5,7 +5,7 @@
   values' dtype, and equal to a brute-force stable sort;
 - the kept-pair fraction (the thickness integrand) equals a brute-force pair count and is in
   [0, 1]; the Monte-Carlo thickness of random models is in [0, 1];
-- attacks (ERAttack, MSEAttack, sign and l2 steps, random start or not) return finite images
+- every registered attack (sign and l2 steps, random start or not, where it takes them) returns finite images
   inside the eps-ball and [0, 1] for random models and inputs;
 - PSE categories partition the samples: exactly one category each, matching the definitions.
 """
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from explanations.attacks import ERAttack, MSEAttack
+from explanations.attacks import ATTACKS, build_attack
 from explanations.pse import (
     BALANCED, CATEGORIES, CUTOFF_TOLERANCE, INEFFECTIVE, PROMOTION, SUPPRESSION, categorize, pse_from_logits,
 )
@@ -137,17 +137,17 @@ def model_and_images(draw):
 @FAST
 @given(
     model_and_images(),
-    st.sampled_from([ERAttack, MSEAttack]),
+    st.sampled_from(list(ATTACKS)),
     st.floats(0.0, 16 / 255, exclude_min=True),  # eps = 0 and steps = 0 are refused (no attack)
     st.integers(1, 3),
     st.sampled_from(["sign", "l2"]),
     st.booleans(),
     st.sampled_from([1, 8, 0.25, 64]),
 )
-def test_attack_outputs_stay_in_eps_ball_and_unit_box(case, attack_cls, eps, steps, step, random_start, k):
+def test_attack_outputs_stay_in_eps_ball_and_unit_box(case, name, eps, steps, step, random_start, k):
     model, x, labels = case
     model.train()  # the attack must switch to eval and restore the mode
-    attack = attack_cls(model, eps=eps, steps=steps, step=step, random_start=random_start, k=k)
+    attack = build_attack(name, model, dict(eps=eps, steps=steps, step=step, random_start=random_start, k=k))
     x_adv = attack(x, labels)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert torch.isfinite(x_adv).all()

@@ -1,8 +1,17 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_modules.classifier import NonFiniteLossError, RobustClassifier, load_model_weights
+from explanations.objectives import OBJECTIVES
+from lightning_modules.classifier import (
+    NonFiniteLossError,
+    RobustClassifier,
+    check_against_data,
+    check_objective_settings,
+    load_model_weights,
+)
 
 TINY = dict(backbone="resnet9", backbone_kwargs={"width": 4}, num_classes=3, activation="softplus", k=16)
 
@@ -69,6 +78,27 @@ def test_nonfinite_loss_stops_with_term_and_batch(monkeypatch):
 def test_bad_configuration_fails_early(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RobustClassifier(**{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_registered_objective_gets_the_settings_checks(name):
+    """From its registry entry: unknown objective_kwargs keys refused (its options listed), and
+    k checked against the image size where it ``uses_k`` (its ``k_option`` in place of k)."""
+    entry = OBJECTIVES[name]
+    with pytest.raises(ValueError, match=rf"\['stepz'\] not known for objective='{name}'"):
+        check_objective_settings(name, 0.1, None, {"stepz": 3})
+    check_objective_settings(name, 0.1, None, None)
+    data = SimpleNamespace(num_classes=3, in_chans=3, image_size=16)
+    hparams = dict(objective=name, num_classes=3, in_chans=3, pool=None, k=300)
+    if entry.uses_k:
+        with pytest.raises(ValueError, match=r"model\.k=300 is out of range for 16x16 images"):
+            check_against_data(hparams, data)
+    else:
+        check_against_data(hparams, data)  # k is not used: not checked
+    if entry.k_option is not None:
+        option = {**hparams, "k": 16, "objective_kwargs": {entry.k_option: 300}}
+        with pytest.raises(ValueError, match=rf"model\.objective_kwargs\.{entry.k_option}=300 is out of range"):
+            check_against_data(option, data)
 
 
 def test_sync_batchnorm_refused_for_double_backprop():
