@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from explanations.explainers import eval_mode
-from explanations.pgd import check_norm, per_sample_norm
+from explanations.pgd import NORMS, check_norm, per_sample_norm  # noqa: F401  (NORMS: re-exported)
 from explanations.pgd import project_delta as project
 from explanations.pgd import random_start
 from explanations.validation import check_eps, check_images, check_positive, check_steps
