@@ -251,7 +251,7 @@ class StepRunner:
         extra = _cpu_step_peak(self.step)
         return dict(peak_mem_mb=(state + extra) / 2**20, step_mem_mb=extra / 2**20, state_mem_mb=state / 2**20)
 
-    def summary(self) -> dict[str, float]:
+    def timing_stats(self) -> dict[str, float]:
         ms = [1000 * t for t in self.times]
         cpu = [1000 * t for t in self.cpu_times]
         return {"ms_per_step": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms), "ms_all": ms,
@@ -271,7 +271,7 @@ def measure_interleaved(
             runner.timed_step()
             print(f"{label} round {round_ + 1}/{repeats} {name:11s} {1000 * runner.times[-1]:9.1f} ms "
                   f"(cpu {1000 * runner.cpu_times[-1]:9.1f} ms)", file=sys.stderr, flush=True)
-    rows = {name: runner.summary() for name, runner in runners.items()}
+    rows = {name: runner.timing_stats() for name, runner in runners.items()}
     if memory:
         for name, runner in runners.items():
             rows[name].update(runner.memory())

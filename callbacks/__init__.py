@@ -1,19 +1,8 @@
 """Per-epoch evaluation callbacks and the run summary."""
 
-from callbacks.metrics import (
-    FlipRate,
-    LocalizationShare,
-    PrecisionAtK,
-    SampleMean,
-    TopKThickness,
-    UnionRankCorrelation,
-)
 from callbacks.base import EvaluationCallback
 from callbacks.pse_analysis import PSEAnalysis
 from callbacks.ranking_robustness import RankingRobustness
 from callbacks.summary import FinalSummary
 
-__all__ = [
-    "EvaluationCallback", "FinalSummary", "FlipRate", "LocalizationShare", "PSEAnalysis", "PrecisionAtK", "RankingRobustness",
-    "SampleMean", "TopKThickness", "UnionRankCorrelation",
-]
+__all__ = ["EvaluationCallback", "FinalSummary", "PSEAnalysis", "RankingRobustness"]

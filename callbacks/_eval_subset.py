@@ -1,12 +1,12 @@
 """A fixed, seeded, class-balanced evaluation subset of a dataset, sharded across ranks.
 
 The subset walks a seeded random permutation of the dataset's indices class by class in turns
-(the first image of each class in permutation order, then the second of each, ...), so any
-``num_samples`` covers the classes as evenly as the data allows; the same images every epoch and
-on every rank. Labels are read without loading images (``targets``/``labels``/``y`` attributes,
-``TensorDataset``, ``Subset``); a dataset without them gets the first ``num_samples`` entries of
-the permutation (class-agnostic). Rank r of w takes
-the positions r, r + w, r + 2w, ... of that list (a DistributedSampler-like split *without*
+(the first image of each class in permutation order, then the second of each, ...; the one
+class-balanced order, :func:`datamodules.subsets.class_balanced_order`), so any ``num_samples``
+covers the classes as evenly as the data allows; the same images every epoch and on every rank.
+Labels are read without loading images (:func:`datamodules.subsets.dataset_labels`); a dataset
+without them gets the first ``num_samples`` entries of the permutation (class-agnostic). Rank r of
+w takes the positions r, r + w, r + 2w, ... of that list (a DistributedSampler-like split *without*
 padding: no image is evaluated twice, so means over ranks equal the single-process mean; shard
 sizes may differ by one). Items may be ``(x, y)`` or ``(x, y, mask)``; batches carry the dataset
 indices (``ids``) so that per-sample randomness can be keyed by them.
@@ -21,48 +21,29 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from datamodules.subsets import class_balanced_order, dataset_labels, seeded_permutation
+
 
 def subset_indices(num_items: int, num_samples: int, seed: int) -> Tensor:
     """The first ``num_samples`` indices of a permutation of ``range(num_items)`` seeded by ``seed``."""
+    _check_sizes(num_items, num_samples)
+    return seeded_permutation(num_items, seed)[: min(num_samples, num_items)]
+
+
+def balanced_subset_indices(labels: Tensor, num_samples: int, seed: int) -> Tensor:
+    """``num_samples`` indices taking the classes in turns (ascending label) along
+    :func:`~datamodules.subsets.seeded_permutation` of all indices: the evaluation subset's
+    class-balanced order."""
+    _check_sizes(labels.numel(), num_samples)
+    order = class_balanced_order(labels, seed, class_order="sorted", draw="permutation", limit=num_samples)
+    return torch.tensor(order, dtype=torch.long)
+
+
+def _check_sizes(num_items: int, num_samples: int) -> None:
     if num_items < 1:
         raise ValueError("the evaluation dataset is empty")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
-    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(int(seed)))
-    return perm[: min(num_samples, num_items)]
-
-
-def dataset_labels(dataset: Dataset) -> Tensor | None:
-    """The dataset's labels (N,) without loading images, or None when it does not expose them."""
-    from torch.utils.data import Subset, TensorDataset
-
-    if isinstance(dataset, Subset):
-        inner = dataset_labels(dataset.dataset)
-        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        labels = dataset.tensors[1]
-    else:
-        labels = next((getattr(dataset, a) for a in ("targets", "labels", "y") if hasattr(dataset, a)), None)
-    if labels is None:
-        return None
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.numel() != len(dataset) or labels.is_floating_point():
-        return None
-    return labels.long()
-
-
-def balanced_subset_indices(labels: Tensor, num_samples: int, seed: int) -> Tensor:
-    """``num_samples`` indices taking the classes in turns along a permutation seeded by ``seed``."""
-    perm = subset_indices(labels.numel(), labels.numel(), seed)
-    lab = labels[perm]
-    order = torch.sort(lab, stable=True).indices  # permutation positions grouped by class
-    sorted_lab = lab[order]
-    starts = torch.searchsorted(sorted_lab, sorted_lab, right=False)
-    turn = torch.empty_like(order)
-    turn[order] = torch.arange(order.numel()) - starts  # position of each item within its class
-    key = turn * (int(lab.max()) + 1 - int(lab.min()) + 1) + (lab - lab.min())
-    picked = torch.sort(key, stable=True).indices[: min(num_samples, labels.numel())]
-    return perm[picked]
 
 
 def shard_indices(indices: Tensor, rank: int, world_size: int) -> Tensor:

@@ -71,7 +71,7 @@ class FinalSummary(L.Callback):
     def __init__(self, prefixes: list[str] | None = None) -> None:
         self.prefixes = tuple(prefixes or DEFAULT_PREFIXES)
 
-    def summary(self, trainer: L.Trainer) -> dict[str, float]:
+    def final_metrics(self, trainer: L.Trainer) -> dict[str, float]:
         """The final metrics as plain floats, sorted by name."""
         metrics = trainer.callback_metrics
         return {
@@ -142,7 +142,7 @@ class FinalSummary(L.Callback):
 
     def render(self, trainer: L.Trainer, stage: str) -> str:
         """The summary text (what is printed)."""
-        values = self.summary(trainer)
+        values = self.final_metrics(trainer)
         blocks = self.sections(values)
         places = self.locations(trainer)
         measured = self.measured(trainer)

@@ -26,12 +26,12 @@ from .image_folder import (
     DataLoaderMixin,
     RobustImageFolder,
     SkipNoneCollate,
-    TransformSubset,
     check_bad_images,
     list_class_folders,
     make_samples,
     stratified_split,
 )
+from .subsets import TransformSubset
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",

@@ -33,6 +33,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .resumable import ResumableDataLoader, SeededRandomSampler
+from .subsets import class_balanced_order, dataset_targets
 
 log = logging.getLogger(__name__)
 
@@ -261,24 +262,6 @@ class RobustImageFolder(Dataset):
         return img, label
 
 
-class TransformSubset(Dataset):
-    """``base[indices[i]]`` with ``transform`` applied to the image (base yields (PIL, label))."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable | None = None):
-        self.base = base
-        self.indices = list(int(i) for i in indices)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        img, label = self.base[self.indices[index]]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(label)
-
-
 class SkipNoneCollate:
     """Collate that drops ``None`` items; an all-``None`` batch gives empty tensors.
 
@@ -302,8 +285,8 @@ def stratified_split(
 
     ``round(n * val_fraction)`` (at least 1 when ``val_fraction > 0``) indices go to val, shared
     between classes in proportion to their size (largest remainders, ties broken by the seed).
-    Both lists are sorted (the DataModules' evaluation loaders read them in
-    :func:`balanced_order`).
+    Both lists are sorted (the DataModules' evaluation loaders read them in a class-balanced
+    order, :func:`datamodules.subsets.class_balanced_order`).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -332,40 +315,6 @@ def stratified_split(
     return train, sorted(val)
 
 
-def balanced_order(targets: Sequence[int], items: Sequence[Any] | None = None, seed: int = 0) -> list[Any]:
-    """``items`` (default: their indices) reordered class-balanced and shuffled once.
-
-    Each class's items are shuffled by ``seed``, then the classes are interleaved round-robin
-    (in a seeded class order): every prefix of length m holds floor(m / C) or more of each of
-    the C classes while they last. Deterministic for a given ``seed``.
-
-    Examples:
-        >>> balanced_order([0, 0, 1, 1], seed=0)  # doctest: +SKIP
-        [1, 2, 0, 3]
-    """
-    items = list(range(len(targets))) if items is None else list(items)
-    if len(items) != len(targets):
-        raise ValueError(f"balanced_order: {len(items)} items but {len(targets)} targets")
-    rng = np.random.default_rng(seed)
-    targets_np = np.asarray(targets, dtype=np.int64)
-    classes = rng.permutation(np.unique(targets_np))
-    queues = [rng.permutation(np.flatnonzero(targets_np == c)).tolist() for c in classes]
-    order: list[int] = []
-    for rank in range(max((len(q) for q in queues), default=0)):
-        order.extend(q[rank] for q in queues if rank < len(q))
-    return [items[i] for i in order]
-
-
-def dataset_targets(dataset: Dataset) -> list[int] | None:
-    """Labels of a dataset without decoding images (``targets`` of the project's datasets, through
-    ``TransformSubset``/``Subset``), or None when the dataset does not expose them."""
-    if isinstance(dataset, (TransformSubset, Subset)):
-        base = dataset_targets(dataset.base if isinstance(dataset, TransformSubset) else dataset.dataset)
-        return None if base is None else [base[i] for i in dataset.indices]
-    targets = getattr(dataset, "targets", None)
-    return None if targets is None else [int(t) for t in targets]
-
-
 class DataLoaderMixin:
     """Standard dataloaders for a DataModule with ``train/val/test_dataset`` and ``hparams``."""
 
@@ -383,7 +332,8 @@ class DataLoaderMixin:
         if not shuffle:  # evaluation: classes interleaved, so a few (limited) batches see every class
             targets = dataset_targets(dataset)
             if targets is not None and len(targets) > 1:
-                dataset = Subset(dataset, balanced_order(targets, seed=int(self.hparams.get("seed", 0) or 0)))
+                seed = int(self.hparams.get("seed", 0) or 0)
+                dataset = Subset(dataset, class_balanced_order(targets, seed, class_order="seeded"))
         # Shuffled (training) loaders resume exactly mid-epoch: see datamodules/resumable.py.
         cls, order = (ResumableDataLoader, {"sampler": SeededRandomSampler(dataset)}) if shuffle else (DataLoader, {})
         return cls(

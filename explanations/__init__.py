@@ -42,13 +42,11 @@ from explanations.regularizers import (
     grad_norm_term,
 )
 from explanations.ranking_metrics import (
-    kendall_union,
     kept_pair_fraction,
     localization_share,
     precision_at_k,
     prediction_flips,
     rank_correlation,
-    spearman_union,
     thickness_estimates,
     topk_thickness,
 )
@@ -69,9 +67,9 @@ from explanations.validation import check_eps, check_images, check_steps
 __all__ = [
     "ATTACKS", "check_eps", "check_images", "check_steps", "explain_unchecked", "METHODS", "AdversarialTraining", "ERAttack", "MSEAttack", "PaperERAttack",
     "RankingAttack", "UniformNoise", "block_gap", "build_attack", "paper_attack", "register_attack", "register_method",
-    "thickness_estimates", "eval_mode", "explain", "explain_with_logits", "kendall_union",
+    "thickness_estimates", "eval_mode", "explain", "explain_with_logits",
     "kept_pair_fraction", "localization_share", "precision_at_k", "prediction_flips",
-    "rank_correlation", "seeded_uniform", "spearman_union", "topk_thickness",
+    "rank_correlation", "seeded_uniform", "topk_thickness",
     "OBJECTIVES", "PAIR_SETS", "GradientNorm", "InputGradient", "Objective", "ObjectiveOutput",
     "ThicknessSurrogate", "Vanilla", "adaptive_weight", "build_objective", "curvature_term",
     "frozen_batchnorm_stats", "gap_term", "grad_norm_term", "input_gradient", "num_features",

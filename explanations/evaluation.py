@@ -21,10 +21,9 @@ keep the earlier eps, then the earlier attack of the list; the other metrics of 
 are those of the chosen result. Thickness (``all_pairs`` and ``boundary``,
 ``ranking_metrics.thickness_estimates``) is measured at ``thickness_eps`` (default: the largest eps).
 
-Randomness is keyed by (seed, id): attack starts, the noise baseline (``attacks.UniformNoise``,
-stream ``NOISE_STREAM``),
-thickness end points, and the PSE target draws (:func:`pse_target_uniform`), so batches, DDP
-shards and the three callers agree sample for sample.
+Randomness is keyed by (seed, id): attack starts, the noise baseline (``attacks.UniformNoise``),
+thickness end points, and the PSE target draws (:func:`pse_target_uniform`), each on its stream of
+:mod:`explanations.streams`, so batches, DDP shards and the three callers agree sample for sample.
 
 Values are per image (``EvaluationResult.values``: flat keys like ``p_at_k/worst/gradient/eps_8``,
 tensors (N,)); :func:`explanations.report.build_report` turns their means into the JSON report
@@ -54,11 +53,11 @@ from explanations.ranking_metrics import (
 )
 from explanations.regularizers import check_pair_set
 from explanations.saliency import check_target, num_features, resolve_k
+from explanations.streams import PSE_TARGET_STREAM
 from explanations.validation import check_eps, check_images, check_k, check_pool, check_positive_int, check_steps
 
 NOISE = UniformNoise.name  # the registered noise baseline, ``noise``
 WORST = "worst"
-PSE_TARGET_STREAM = 611  # seeded_uniform stream of the PSE ``random`` target rule
 DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 DEFAULT_ENSEMBLE: tuple[dict[str, Any], ...] = (
     {"name": "er", "kwargs": {"surrogate_beta": None}},
@@ -66,7 +65,8 @@ DEFAULT_ENSEMBLE: tuple[dict[str, Any], ...] = (
     {"name": "mse"},
     {"name": NOISE},
 )
-THICKNESS_PAIRS: tuple[str, ...] = ("all_pairs", "boundary")
+#: Thickness pair set (``ranking_metrics.THICKNESS_PAIR_SETS``) -> its name in metric keys and reports.
+THICKNESS_KEYS: dict[str, str] = {"all": "all_pairs", "boundary": "boundary"}
 _SPEC_KEYS = {"name", "attack", "kwargs"}
 
 
@@ -344,11 +344,14 @@ class EvaluationProtocol:
             single fields of it (``EvaluationProtocol(eps=[8 / 255], steps=5)``).
 
     Examples:
+        >>> from explanations.report import build_report
         >>> protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], k=10, steps=5)
         >>> protocol.k, protocol.steps
         (10, 5)
-        >>> result = protocol.evaluate(model, [(x, y, ids)])          # doctest: +SKIP
-        >>> build_report(protocol, result.means(), result.num_images)  # doctest: +SKIP
+        >>> result = protocol.evaluate(model, [(images, labels, ids)])
+        >>> report = build_report(protocol, result.means(), result.num_images)
+        >>> sorted(report["p_at_k"]), sorted(report["p_at_k"]["worst"])
+        (['er', 'er_surrogate', 'mse', 'noise', 'worst'], ['2/255', '8/255'])
     """
 
     def __init__(self, settings: ProtocolSettings | None = None, **overrides: Any) -> None:
@@ -446,7 +449,7 @@ class EvaluationProtocol:
             if has_mask and self.localization:
                 out.append(f"localization/clean/{method}")
             if self.thickness:
-                out += [f"thickness/{p}/{method}" for p in THICKNESS_PAIRS]
+                out += [f"thickness/{key}/{method}" for key in THICKNESS_KEYS.values()]
             out += [f"{m}/{src}/{method}/{eps_tag(e)}" for m in metrics for src in sources for e in self.eps]
         return sorted(out)
 
@@ -481,10 +484,10 @@ class EvaluationProtocol:
                     thick = thickness_estimates(
                         model, x, y, self.k, self.thickness_eps, self.thickness_samples, self.thickness_points,
                         method, self.target, self.pool, ids, self.seed, mkw, s_clean=s0, classes=pred0,
-                        pairs=("all", "boundary"),
+                        pairs=tuple(THICKNESS_KEYS),
                     )
-                    values[f"thickness/all_pairs/{method}"] = thick["all"].detach()
-                    values[f"thickness/boundary/{method}"] = thick["boundary"].detach()
+                    for pairs, key in THICKNESS_KEYS.items():
+                        values[f"thickness/{key}/{method}"] = thick[pairs].detach()
                 worst: dict[str, Tensor] | None = None
                 worst_img: dict[str, Any] | None = None
                 for eps in self.eps:

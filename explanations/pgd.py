@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from explanations.explainers import seeded_normal, seeded_uniform
+from explanations.streams import L2_RADIUS_OFFSET
 
 NORMS: tuple[str, ...] = ("linf", "l2")
 
@@ -100,7 +101,7 @@ def random_start(
         else:
             direction = seeded_normal(ids, tuple(shape[1:]), seed, stream, torch.float64)
             direction = direction / _view(direction.flatten(1).norm(dim=1).clamp_min(1e-12), direction)
-            u = seeded_uniform(ids, (1,), seed, stream + 1_000_003, torch.float64).view(-1)
+            u = seeded_uniform(ids, (1,), seed, stream + L2_RADIUS_OFFSET, torch.float64).view(-1)
             delta = direction * _view(eps * u ** (1.0 / direction[0].numel()), direction)
         return project_delta(delta.to(x.dtype), x, eps, norm)
     if norm == "linf":

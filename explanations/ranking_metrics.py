@@ -1,7 +1,7 @@
 """Ranking metrics of explanations (DESIGN §5), per sample and batched.
 
 Every function returns one value per sample (B,); averaging (and reducing across processes) is
-the caller's job (``callbacks.metrics`` wraps them as torchmetrics ``Metric`` objects).
+the caller's job (the evaluation protocol keeps float64 sums and counts, ``explanations.evaluation``).
 
 - :func:`precision_at_k`: |T_k(x) ∩ T_k(x')| / k.
 - :func:`rank_correlation`: Spearman (average ranks for ties) or Kendall tau-b between s(x) and
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from explanations.pgd import uniform_in_ball
 from explanations.explainers import eval_mode, explain_unchecked
 from explanations.saliency import num_features, ranking, resolve_k, topk_mask
+from explanations.streams import THICKNESS_STREAM
 from explanations.validation import check_eps, check_images, check_pool, check_positive_int
 
 CORRELATIONS: tuple[str, ...] = ("spearman", "kendall")
@@ -129,16 +130,6 @@ def rank_correlation(s_clean: Tensor, s_adv: Tensor, k: int | float, method: str
     return out.to(metric_dtype(s_clean))
 
 
-def spearman_union(s_clean: Tensor, s_adv: Tensor, k: int | float) -> Tensor:
-    """Spearman correlation per sample on the union of the two top-k sets."""
-    return rank_correlation(s_clean, s_adv, k, "spearman")
-
-
-def kendall_union(s_clean: Tensor, s_adv: Tensor, k: int | float) -> Tensor:
-    """Kendall tau-b per sample on the union of the two top-k sets."""
-    return rank_correlation(s_clean, s_adv, k, "kendall")
-
-
 def prediction_flips(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
     """1.0 where the predicted class changed, else 0.0: (B, K), (B, K) -> (B,).
 
@@ -147,11 +138,6 @@ def prediction_flips(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
     pc = logits_clean if logits_clean.dim() == 1 else logits_clean.argmax(1)
     pa = logits_adv if logits_adv.dim() == 1 else logits_adv.argmax(1)
     return (pc != pa).float()
-
-
-def flip_rate(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
-    """The share of samples whose prediction changed (a scalar)."""
-    return prediction_flips(logits_clean, logits_adv).mean()
 
 
 def kept_pair_fraction(s: Tensor, top: Tensor, others: Tensor | None = None) -> Tensor:
@@ -181,7 +167,8 @@ def next_block_mask(s: Tensor, k: int) -> Tensor:
     return mask.scatter_(1, ranking(s)[:, k : 2 * k], True)
 
 
-THICKNESS_PAIRS: tuple[str, ...] = ("all", "boundary")
+#: Pair sets of the thickness (the ``pairs`` argument): top-k vs the rest, top-k vs the next k.
+THICKNESS_PAIR_SETS: tuple[str, ...] = ("all", "boundary")
 
 
 def thickness_estimates(
@@ -200,7 +187,7 @@ def thickness_estimates(
     method_kwargs: dict[str, Any] | None = None,
     s_clean: Tensor | None = None,
     classes: Tensor | None = None,
-    pairs: tuple[str, ...] = THICKNESS_PAIRS,
+    pairs: tuple[str, ...] = THICKNESS_PAIR_SETS,
 ) -> dict[str, Tensor]:
     """Top-k thickness per sample (B,) for each pair set in ``pairs``, from one set of passes.
 
@@ -215,9 +202,9 @@ def thickness_estimates(
     batch of m * B images; the draws loop. ``s_clean`` (and ``classes`` for ``target='logit'``)
     reuse a clean pass already made; it must come from the same method and settings.
     """
-    unknown = [p for p in pairs if p not in THICKNESS_PAIRS]
+    unknown = [p for p in pairs if p not in THICKNESS_PAIR_SETS]
     if unknown or not pairs:
-        raise ValueError(f"pairs={pairs!r}: each must be one of {THICKNESS_PAIRS}")
+        raise ValueError(f"pairs={pairs!r}: each must be one of {THICKNESS_PAIR_SETS}")
     check_images(x)
     check_eps(eps)
     check_positive_int(num_samples, "num_samples")
@@ -246,7 +233,7 @@ def thickness_estimates(
         top_rep = top.repeat(num_points, 1)
         labels_rep = None if labels is None else labels.repeat(num_points)
         for draw in range(num_samples):
-            end = uniform_in_ball(x, eps, ids, seed, stream=1000 + draw)
+            end = uniform_in_ball(x, eps, ids, seed, stream=THICKNESS_STREAM + draw)
             points = (x.unsqueeze(0) + ts.view(-1, 1, 1, 1, 1) * (end - x).unsqueeze(0)).reshape(-1, *x.shape[1:])
             s = explain_unchecked(
                 model, points, labels_rep, method, target, pool, classes=classes_rep,
@@ -279,8 +266,8 @@ def topk_thickness(
 ) -> Tensor:
     """Top-k thickness per sample (B,) on one pair set (``all`` or ``boundary``); see
     :func:`thickness_estimates` (trapezoid rule including t = 0)."""
-    if pairs not in THICKNESS_PAIRS:
-        raise ValueError(f"pairs={pairs!r} is not known; valid: {THICKNESS_PAIRS}")
+    if pairs not in THICKNESS_PAIR_SETS:
+        raise ValueError(f"pairs={pairs!r} is not known; valid: {THICKNESS_PAIR_SETS}")
     return thickness_estimates(
         model, x, labels, k, eps, num_samples, num_points, method, target, pool, ids, seed,
         method_kwargs, s_clean, classes, (pairs,),

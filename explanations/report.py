@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explanations.evaluation import NOISE, WORST, THICKNESS_PAIRS, EvaluationProtocol, EvaluationResult, eps_label, eps_tag
+from explanations.evaluation import NOISE, WORST, THICKNESS_KEYS, EvaluationProtocol, EvaluationResult, eps_label, eps_tag
 from explanations.files import atomic_write
 
 __all__ = [
@@ -69,9 +69,9 @@ def build_report(protocol: EvaluationProtocol, means: dict[str, float], num_imag
                      for src in sources if f"{metric}/{src}/{m}/{eps_tag(protocol.eps[0])}" in means}
             if table:
                 out[metric] = table
-        thick = {p: _clean(values.get(f"thickness/{p}/{m}")) for p in THICKNESS_PAIRS if f"thickness/{p}/{m}" in means}
+        thick = {p: _clean(values.get(f"thickness/{p}/{m}")) for p in THICKNESS_KEYS.values() if f"thickness/{p}/{m}" in means}
         if thick:
-            out["thickness"] = {p: thick.get(p) for p in THICKNESS_PAIRS}
+            out["thickness"] = {p: thick.get(p) for p in THICKNESS_KEYS.values()}
         if f"localization/clean/{m}" in means:
             out["localization_clean"] = _clean(values.get(f"localization/clean/{m}"))
         return out

@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny CLI configuration (width-4 ResNet-9, 16 px synthetic data, 2 batches)."""
+"""Shared fixtures: a tiny CLI configuration (width-4 ResNet-9, 16 px synthetic data, 2 batches).
+
+The torch thread fixtures (``one_thread``, ``threads``) are in the repository's conftest.py (tests
+and doctests share them)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +50,6 @@ def tiny_cli_config(tmp: Path, *, wandb: bool = False, model: dict | None = None
 def tiny_config(tmp_path):
     """``tiny_config(**overrides) -> Path`` of a tiny CLI config in this test's tmp_path."""
     return lambda **kw: tiny_cli_config(tmp_path, **kw)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: tiny tensors on a shared CPU are much faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ def _cb():
                     methods=["gradient", "smoothgrad"], method_kwargs={"smoothgrad": {"num_samples": 2}})
 
 
-def test_two_process_ddp_equals_single_process_and_the_protocol(tmp_path):
-    torch.set_num_threads(1)
+def test_two_process_ddp_equals_single_process_and_the_protocol(tmp_path, one_thread):
     single_cb = _cb()
     single = trainer(tmp_path / "one", single_cb, precision="64-true")
     single.validate(TinyModule(), datamodule=TinyDataModule(val_size=20), verbose=False)

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks.reproduce.pipeline import Study, write_json
     from benchmarks.reproduce.presets import apply_override, build_preset
-    from benchmarks.reproduce.report import summary, write_report
+    from benchmarks.reproduce.report import task_summary, write_study_report
 
     torch.set_num_threads(_threads(args.threads))
     _quiet()
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if task not in results["tasks"] and earlier.get("preset", {}).get("name") == preset.name and "seed_eval" in block:
                     results["tasks"][task] = block
                     results["preset"]["tasks_cfg"][task] = earlier["preset"]["tasks_cfg"][task]
-        results["summary"] = {task: summary(block) for task, block in results["tasks"].items()}
+        results["summary"] = {task: task_summary(block) for task, block in results["tasks"].items()}
         results["wall_seconds"] = round(time.perf_counter() - start, 1)
         results["stage_seconds"] = round(sum(_stage_seconds(t) for t in results["tasks"].values()), 1)
         results["hardware"]["load_end"] = _load()
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         other = json.loads(Path(other_path).read_text())
         other["_source"] = other_path  # where it is now (its json_path is where it was written)
         others.append(other)
-    path = write_report(results, out_dir, doc, others)
+    path = write_study_report(results, out_dir, doc, others)
     log(f"wrote {json_path} and {path}")
     return results
 

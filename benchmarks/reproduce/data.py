@@ -1,7 +1,8 @@
 """Data for the study: the project's DataModules, cut to fixed class-balanced subsets.
 
-All subsets use a *round-robin* class-balanced order: a seeded permutation inside each class, then
-class 0's first image, class 1's first, ..., class 0's second, ... . Any prefix whose length is a
+All subsets use a *round-robin* class-balanced order (:func:`study_order`, the project's one
+class-balanced order with the classes sorted): a seeded permutation inside each class, then class
+0's first image, class 1's first, ..., class 0's second, ... . Any prefix whose length is a
 multiple of the class count is therefore balanced, so the smaller evaluations (step curve,
 SmoothGrad, PSE) run on the first images of the main evaluation subset and stay balanced.
 The split seed is fixed (0) whatever ``--seed`` is, so every run sees the same images.
@@ -12,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules import CIFAR10DataModule, ImageNetSubsetDataModule
-from datamodules.image_folder import TransformSubset
+from datamodules.subsets import class_balanced_order, dataset_targets
 
 from benchmarks.reproduce.presets import TaskConfig
 
@@ -27,32 +27,19 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGENETTE_CLASSES = REPO / "configs" / "data" / "imagenette_classes.txt"
 
 
-def dataset_targets(ds: Dataset) -> list[int]:
-    """Labels of a dataset without decoding images (the project's dataset types, or a Subset)."""
-    if isinstance(ds, Subset):
-        base = dataset_targets(ds.dataset)
-        return [base[i] for i in ds.indices]
-    if isinstance(ds, TransformSubset):
-        base = list(getattr(ds.base, "targets"))
-        return [int(base[i]) for i in ds.indices]
-    targets = getattr(ds, "targets", None)
+def labels_of(ds: Dataset) -> list[int]:
+    """Labels of one of the project's datasets without decoding images
+    (:func:`datamodules.subsets.dataset_targets`); a dataset without them is an error."""
+    targets = dataset_targets(ds)
     if targets is None:
         raise TypeError(f"cannot read the labels of {type(ds).__name__} without decoding it")
-    return [int(t) for t in targets]
+    return targets
 
 
-def balanced_order(targets: list[int], n: int | None, seed: int = SPLIT_SEED) -> list[int]:
-    """Round-robin class-balanced order of up to ``n`` indices (see the module docstring)."""
-    t = np.asarray(targets)
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(t == c)).tolist() for c in np.unique(t)]
-    order: list[int] = []
-    depth = max(len(p) for p in per_class)
-    for r in range(depth):
-        for p in per_class:
-            if r < len(p):
-                order.append(p[r])
-    return order if n is None else order[: int(n)]
+def study_order(targets: list[int], n: int | None, seed: int = SPLIT_SEED) -> list[int]:
+    """The first ``n`` (None: all) indices in the study's class-balanced order: classes sorted,
+    each shuffled by its own draw (:func:`datamodules.subsets.class_balanced_order`)."""
+    return class_balanced_order(targets, seed, class_order="sorted", draw="per_class", limit=None if n is None else int(n))
 
 
 def build_datamodule(task: TaskConfig, data_dir: str, train_size: int | None, seed_batch: int = SPLIT_SEED):
@@ -71,8 +58,8 @@ def build_datamodule(task: TaskConfig, data_dir: str, train_size: int | None, se
     else:
         raise ValueError(f"dataset={task.dataset!r} is not known; valid: cifar10, imagenette")
     dm.setup("fit")
-    dm.train_dataset = Subset(dm.train_dataset, balanced_order(dataset_targets(dm.train_dataset), train_size))
-    dm.val_dataset = Subset(dm.val_dataset, balanced_order(dataset_targets(dm.val_dataset), task.val_size))
+    dm.train_dataset = Subset(dm.train_dataset, study_order(labels_of(dm.train_dataset), train_size))
+    dm.val_dataset = Subset(dm.val_dataset, study_order(labels_of(dm.val_dataset), task.val_size))
     return dm
 
 
@@ -111,11 +98,11 @@ def eval_sets(task: TaskConfig, data_dir: str) -> dict:
     """
     dm = build_datamodule(task, data_dir, train_size=1)
     val_ds = dm.val_dataset  # a balanced Subset of val_size images
-    test_targets = dataset_targets(dm.test_dataset)
+    test_targets = labels_of(dm.test_dataset)
     ev = task.eval
     n_attack = max(ev.size, ev.check_size, ev.paper_size, ev.explainer_size, ev.pse_size)
-    attack_idx = balanced_order(test_targets, n_attack, seed=ev.seed)
-    acc_idx = balanced_order(test_targets, ev.test_acc_size, seed=ev.seed + 1)
+    attack_idx = study_order(test_targets, n_attack, seed=ev.seed)
+    acc_idx = study_order(test_targets, ev.test_acc_size, seed=ev.seed + 1)
     n_sweep = min(task.sweep_eval_size, len(val_ds.indices))
     return {
         "val_acc": val_ds,

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from explanations.attacks import PaperERAttack
-from explanations.evaluation import NOISE, WORST, EvaluationProtocol, eps_tag, iter_batches, pse_target_uniform
+from explanations.evaluation import WORST, EvaluationProtocol, eps_tag, iter_batches, pse_target_uniform
 from explanations.explainers import eval_mode, explain_unchecked, explain_with_logits
 from explanations.ranking_metrics import precision_at_k
 from explanations.pse import PSESettings, add_sums, analyze_batch, batch_sums, summarize
@@ -51,7 +51,7 @@ PSE_KEYS = (
 )
 
 
-def summary(values: Tensor) -> dict[str, float]:
+def mean_se(values: Tensor) -> dict[str, float]:
     """Mean and standard error of per-sample values (NaNs ignored), plus the count."""
     v = values.detach().double().flatten()
     v = v[~torch.isnan(v)]
@@ -93,16 +93,13 @@ class Evaluator:
     def __init__(self, net: nn.Module, cfg: EvalConfig, k: int | float, pool: int | None, relu: bool, device) -> None:
         self.net, self.cfg, self.k, self.pool, self.relu, self.device = net, cfg, k, pool, relu, device
 
-    def _protocol(self, eps: float, attacks: list, steps: int | None = None, method: str = "gradient",
-                  method_kwargs: dict[str, Any] | None = None, noise: bool = False, thickness: bool = False,
-                  thickness_eps: float | None = None) -> EvaluationProtocol:
-        """``steps=None``: the noise-only protocols, whose ensemble takes no steps (the protocol's
-        default is kept; steps >= 1 is the rule, 0 would be no attack)."""
+    def _protocol(self, eps: float, attacks: list, steps: int, method: str = "gradient",
+                  method_kwargs: dict[str, Any] | None = None) -> EvaluationProtocol:
+        """The protocol with ``attacks`` only (no noise baseline, no thickness) at one budget."""
         return EvaluationProtocol(
-            eps=[eps], attacks=attacks, noise=noise, k=self.k, target="loss", pool=self.pool, methods=[method],
+            eps=[eps], attacks=attacks, noise=False, k=self.k, target="loss", pool=self.pool, methods=[method],
             method_kwargs={method: dict(method_kwargs)} if method_kwargs else None, seed=self.cfg.seed,
-            **({} if steps is None else {"steps": steps}), localization=False, thickness=thickness, thickness_samples=self.cfg.thickness_samples,
-            thickness_points=self.cfg.thickness_points, thickness_eps=thickness_eps,
+            steps=steps, localization=False, thickness=False,
         )
 
     def _run(self, protocol: EvaluationProtocol, data: ImageSet, batch_size: int | None = None) -> dict[str, Tensor]:
@@ -112,9 +109,11 @@ class Evaluator:
     def robust_attack(
         self, data: ImageSet, name: str, eps: float, steps: int, method: str = "gradient",
         method_kwargs: dict[str, Any] | None = None, batch_size: int | None = None,
-    ) -> dict[str, Any]:
-        """The attack, plus (ReLU models) its surrogate version; the per-sample worst case of the
-        two (the protocol's ``worst``). Per-sample P@k, Spearman, Kendall, prediction flips."""
+    ) -> dict[str, Tensor]:
+        """Per-sample ``p_at_k``, ``spearman``, ``kendall`` and ``pred_flip`` (the protocol's
+        ``flip_rate``) under the attack ``name``; on a ReLU model (``name`` in ``relu_surrogate``)
+        the protocol's per-image worst case of the attack and its Softplus-surrogate version, plus
+        ``surrogate_wins`` (1 where the surrogate found the lower P@k)."""
         attacks: list[Any] = [{"name": name, "kwargs": {"surrogate_beta": None}}]
         surrogate = self.relu and name in self.cfg.relu_surrogate
         if surrogate:
@@ -128,21 +127,11 @@ class Evaluator:
                     for key, metric in (("p_at_k", "p_at_k"), ("spearman", "spearman"), ("kendall", "kendall"),
                                         ("pred_flip", "flip_rate"))}
 
-        direct = per(name)
         if not surrogate:
-            return {"final": direct, "direct": direct}
-        sur, worst = per(f"{name}_surrogate"), per(WORST)
-        worst["surrogate_wins"] = (sur["p_at_k"] < direct["p_at_k"]).float()
-        return {"final": worst, "direct": direct, "surrogate": sur}
-
-    def noise(self, data: ImageSet, eps: float) -> Tensor:
-        """Per-sample P@k under uniform noise in the l_inf ball (the protocol's noise baseline)."""
-        return self._run(self._protocol(eps, [NOISE], noise=True), data)[f"p_at_k/{NOISE}/gradient/{eps_tag(eps)}"]
-
-    def thickness(self, data: ImageSet) -> Tensor:
-        """Per-sample all-pairs top-k thickness at ``cfg.eps`` (the protocol's thickness)."""
-        protocol = self._protocol(self.cfg.eps, [NOISE], noise=True, thickness=True, thickness_eps=self.cfg.eps)
-        return self._run(protocol, data)["thickness/all_pairs/gradient"]
+            return per(name)
+        worst = per(WORST)
+        worst["surrogate_wins"] = (per(f"{name}_surrogate")["p_at_k"] < per(name)["p_at_k"]).float()
+        return worst
 
     def pse(self, data: ImageSet) -> dict[str, float]:
         cfg = self.cfg
@@ -156,7 +145,7 @@ class Evaluator:
 
 
 def _stats(per_sample: dict[str, Tensor]) -> dict[str, Any]:
-    return {key: summary(v) for key, v in per_sample.items()}
+    return {key: mean_se(v) for key, v in per_sample.items()}
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -207,14 +196,14 @@ def evaluate_model(
                        "attack_seconds": {k_: round(v, 2) for k_, v in out.seconds.items()}}
     res["subset_acc"] = float(values["accuracy"].mean())
     sources = sorted({key.split("/")[1] for key in values if key.startswith("p_at_k/")})
-    res["p_at_k"] = {src: {eps_tag(e): summary(values[f"p_at_k/{src}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
+    res["p_at_k"] = {src: {eps_tag(e): mean_se(values[f"p_at_k/{src}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
                      for src in sources}
-    res["spearman_worst"] = {eps_tag(e): summary(values[f"spearman/{WORST}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
-    res["flip_rate_worst"] = {eps_tag(e): summary(values[f"flip_rate/{WORST}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
+    res["spearman_worst"] = {eps_tag(e): mean_se(values[f"spearman/{WORST}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
+    res["flip_rate_worst"] = {eps_tag(e): mean_se(values[f"flip_rate/{WORST}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
     for e in protocol.eps:
         res["per_image"][f"worst/{eps_tag(e)}"] = _per_image(values, f"p_at_k/{WORST}/gradient/{eps_tag(e)}")
     for pairs in ("boundary", "all_pairs"):
-        res[f"thickness_{pairs}"] = summary(values[f"thickness/{pairs}/gradient"])
+        res[f"thickness_{pairs}"] = mean_se(values[f"thickness/{pairs}/gradient"])
         res["per_image"][f"thickness_{pairs}"] = _per_image(values, f"thickness/{pairs}/gradient")
     worst = res["p_at_k"][WORST]
     log(f"    test acc {res['test_acc']:.3f}; worst P@k " + " / ".join(f"{worst[eps_tag(e)]['mean']:.3f}" for e in protocol.eps)
@@ -235,8 +224,8 @@ def evaluate_model(
         base = values[f"p_at_k/{WORST}/gradient/{tag}"][: len(check)]
         combined = torch.minimum(base, strong)  # the main worst case with the long attacks added
         res["step_check"] = {"steps": cfg.check_steps, "n": len(check), "eps": cfg.eps,
-                             "main_worst": summary(base), "strong_worst": summary(strong),
-                             "combined_worst": summary(combined), "combined_minus_main": summary(combined - base),
+                             "main_worst": mean_se(base), "strong_worst": mean_se(strong),
+                             "combined_worst": mean_se(combined), "combined_minus_main": mean_se(combined - base),
                              "share_lowered": float((combined < base).float().mean())}
         res["per_image"]["check_strong"] = _per_image({"s": strong}, "s")
         log(f"    step check: worst {float(base.mean()):.3f} with {cfg.steps} steps, {float(combined.mean()):.3f} with the "
@@ -258,7 +247,7 @@ def evaluate_model(
             per_call = max(1, cfg.batch_size * 4 // max(1, next(iter(kwargs.values()))))
             o = _timed(t, method, lambda: ev.robust_attack(exp_set, "er", cfg.eps, cfg.explainer_steps, method=method,
                                                            method_kwargs=kwargs, batch_size=per_call))
-            res[method] = _stats(o["final"])
+            res[method] = _stats(o)
             log(f"    {method} P@k {res[method]['p_at_k']['mean']:.3f} ({t[method]:.0f} s)")
         res["sizes"]["explainers"] = len(exp_set)
 
@@ -292,7 +281,7 @@ def paper_column(net: nn.Module, data: ImageSet, cfg: EvalConfig, k: int | float
                 flips.append((net(x_adv).argmax(1) != net(x).argmax(1)).float().cpu())
             pk.append(precision_at_k(s0, s1, k).cpu())
     p = torch.cat(pk)
-    return {"p_at_k": summary(p), "flip_rate": summary(torch.cat(flips)), "steps": cfg.paper_steps,
+    return {"p_at_k": mean_se(p), "flip_rate": mean_se(torch.cat(flips)), "steps": cfg.paper_steps,
             "step_size": cfg.paper_step_size, "n": len(data), "per_image": _per_image({"p": p}, "p")}
 
 
@@ -305,8 +294,8 @@ def sweep_metrics(
     out: dict[str, Any] = {"val_acc": accuracy(net, val_acc, device), "val_size": len(val_acc)}
     if val_attack is not None and len(val_attack):
         ev = Evaluator(net, cfg, k, pool, relu, device)
-        p = ev.robust_attack(val_attack, "er", cfg.eps, steps)["final"]["p_at_k"]
-        out["val_p_at_k"] = summary(p)
+        p = ev.robust_attack(val_attack, "er", cfg.eps, steps)["p_at_k"]
+        out["val_p_at_k"] = mean_se(p)
     out["seconds"] = round(time.perf_counter() - start, 3)
     out["cpu_seconds"] = round(time.process_time() - cpu, 3)
     return out

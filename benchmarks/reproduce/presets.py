@@ -463,8 +463,3 @@ def _assign(obj: Any, name: str, value: Any, assignment: str) -> None:
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     setattr(obj, name, value)
-
-
-def to_dict(preset: Preset) -> dict[str, Any]:
-    """The preset as plain JSON-able data."""
-    return dataclasses.asdict(preset)

@@ -7,7 +7,7 @@ method (bootstrap intervals per training seed and whether the seeds agree), the 
 rank correlation, the step check, every sweep point, PSE, and links to the PNG plots (matplotlib,
 Agg backend) written next to the JSON. Free-text analysis is read from
 ``benchmarks/reproduce/notes/<preset>.md`` when that file exists, so a rerun regenerates the whole
-document. :func:`summary` is the compact machine-readable block stored in the results JSON.
+document. :func:`task_summary` is the compact machine-readable block stored in the results JSON.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _over_seeds(values: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------- summary
-def summary(task: dict) -> dict[str, Any]:
+def task_summary(task: dict) -> dict[str, Any]:
     """The machine-readable block of a task.
 
     Per method: ``test_acc``, ``p_at_k_worst`` (by budget), ``thickness_boundary`` /
@@ -542,7 +542,7 @@ def render_markdown(results: dict, plot_files: dict[str, str], doc_path: Path, o
                    "Paired diff = the seed-averaged per-image difference, with its bootstrap interval over images; "
                    "the per-seed intervals pair R2ET seed s with the other method's seed s (its seed 0 when it has "
                    "one model). `*` after a per-budget difference: the seeds agree at that budget too.", ""]
-        s = summary(task)
+        s = task_summary(task)
         rc = s["rank_correlation_thickness_p_at_k"]
         md += [f"Thickness–P@k rank correlation across the {len(task['eval'])} methods (seed 0, Spearman, worst-case P@k "
                f"at {_eps_label(_headline(task))}): boundary thickness {_f(rc['boundary'])}, all-pairs thickness "
@@ -609,7 +609,7 @@ def _run_label(results: dict) -> str:
     return f"seed {results.get('seed')}, {hw.get('threads', '?')} torch thread(s), torch {hw.get('torch', '?')}, `{where}`"
 
 
-def write_report(results: dict, out_dir: Path, doc_path: Path, others: list[dict] | None = None) -> Path:
+def write_study_report(results: dict, out_dir: Path, doc_path: Path, others: list[dict] | None = None) -> Path:
     """Plots into ``out_dir`` and the markdown at ``doc_path`` (``others``: results of reruns)."""
     plots = make_plots(results, out_dir)
     doc_path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,9 +115,11 @@ class RankingAttack:
         (:func:`explanations.validation.check_images`, once per call, not per step).
 
     Examples:
+        >>> from explanations.attacks import ERAttack
         >>> attack = ERAttack(model, eps=8 / 255, steps=20, k=0.1)
         >>> x_adv = attack(images, labels)
-        >>> attack.p_at_k.mean()
+        >>> attack.p_at_k.shape  # P@k per image of the returned x_adv
+        torch.Size([4])
     """
 
     name = "attack"

@@ -36,8 +36,7 @@ from explanations.validation import (
     check_positive_int,
 )
 
-#: Stream of the noise baseline's draws (draw j uses NOISE_STREAM + j).
-NOISE_STREAM = 500
+from explanations.streams import NOISE_STREAM  # draw j uses NOISE_STREAM + j
 
 
 @register_attack

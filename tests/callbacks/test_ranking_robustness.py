@@ -2,7 +2,6 @@ import math
 import dataclasses
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,9 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks import RankingRobustness
-from callbacks._eval_subset import EvalSubset, balanced_subset_indices, dataset_labels, shard_indices, subset_indices
+from callbacks._eval_subset import EvalSubset, balanced_subset_indices, shard_indices, subset_indices
+from datamodules.subsets import dataset_labels
 from explanations.evaluation import EvaluationProtocol, ProtocolSettings
-from callbacks.metrics import FlipRate, PrecisionAtK, SampleMean
 
 
 # ------------------------------------------------------------------ tiny model and data
@@ -122,20 +121,6 @@ def test_subset_is_class_balanced_when_labels_are_known():
     assert sub.balanced and torch.bincount(data.y[sub.indices]).tolist() == [2, 2, 2]
     plain = [(torch.zeros(3, 4, 4), i % 3) for i in range(12)]  # no label attribute: plain permutation
     assert not EvalSubset(plain, 6).balanced and torch.equal(EvalSubset(plain, 6).indices, subset_indices(12, 6, 0))
-
-
-def test_metric_objects_reduce_sums_and_counts():
-    m = SampleMean()
-    m.update(torch.tensor([1.0, float("nan"), 3.0]))
-    m.update(torch.tensor([5.0]))
-    assert m.compute().item() == pytest.approx(3.0)
-    p = PrecisionAtK(2)
-    p.update(torch.tensor([[3.0, 2, 1]]), torch.tensor([[3.0, 1, 2]]))
-    assert p.compute().item() == pytest.approx(0.5)
-    f = FlipRate()
-    f.update(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
-    f.update(torch.tensor([False]))
-    assert f.compute().item() == pytest.approx(0.5)
 
 
 SOURCES = ("er", "mse", "noise", "worst")

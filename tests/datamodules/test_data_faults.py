@@ -137,16 +137,13 @@ def test_unusual_image_modes_decode_to_rgb(root, mode):
     assert label == 2
 
 
-def test_training_stops_on_bad_image_or_skips_and_counts(root):
+def test_training_stops_on_bad_image_or_skips_and_counts(root, one_thread):
     """Through a Trainer: ``error`` stops the fit naming the file; ``skip`` trains and counts."""
     from lightning_modules.classifier import RobustClassifier
 
     bad = root / "train" / WNIDS[0] / "1.png"
     _html_page(bad)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for policy in ("error", "skip"):
+    for policy in ("error", "skip"):
             L.seed_everything(0, verbose=False)
             dm = ImageNetSubsetDataModule(data_dir=str(root), image_size=8, augment=False, batch_size=4,
                                           bad_images=policy)
@@ -161,8 +158,6 @@ def test_training_stops_on_bad_image_or_skips_and_counts(root):
             else:
                 trainer.fit(model, dm)
                 assert dm.train_dataset.num_skipped == 1 and trainer.global_step == 3
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------ folders and class lists

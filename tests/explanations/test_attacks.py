@@ -36,22 +36,20 @@ def conv_net(ch: int = 16, beta: float = 10.0) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def trained(threads):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, y = quadrant_data(512, g)
     model = conv_net()
     opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(60):
-        i = torch.randint(0, 512, (64,), generator=g)
-        loss = F.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with threads(1):
+        for _ in range(60):
+            i = torch.randint(0, 512, (64,), generator=g)
+            loss = F.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     model.zero_grad(set_to_none=True)
-    torch.set_num_threads(threads)
     xt, yt = quadrant_data(32, g)
     return model, xt, yt
 

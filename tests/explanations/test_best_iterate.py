@@ -88,24 +88,20 @@ def train(model: nn.Module, steps: int = 150, seed: int = 0, contrast: float = C
 
 
 @pytest.fixture(scope="module")
-def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(1)
-    model = train(softplus_net()).double()
+def trained(threads):
+    with threads(1):
+        torch.manual_seed(1)
+        model = train(softplus_net()).double()
     xt, yt = quadrant_data(24, torch.Generator().manual_seed(5), CONTRAST)
-    torch.set_num_threads(threads)
     return model, xt.double(), yt
 
 
 @pytest.fixture(scope="module")
-def trained_relu():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(2)
-    functional = train(FunctionalReLUNet()).double()
+def trained_relu(threads):
+    with threads(1):
+        torch.manual_seed(2)
+        functional = train(FunctionalReLUNet()).double()
     xt, yt = quadrant_data(16, torch.Generator().manual_seed(6), CONTRAST)
-    torch.set_num_threads(threads)
     return functional, xt.double(), yt
 
 

@@ -13,11 +13,13 @@ from explanations.ranking_metrics import (
     precision_at_k,
     prediction_flips,
     rank_correlation,
+    THICKNESS_PAIR_SETS,
     thickness_estimates,
     topk_thickness,
     union_values,
 )
 from explanations.saliency import topk_mask
+from explanations.streams import THICKNESS_STREAM
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -183,24 +185,30 @@ class Quadratic(nn.Module):
 
 
 def _brute_thickness(model, x, k, eps, num_samples, num_points, seed, ids, pairs):
-    from explanations.explainers import explain
+    """The definition, one image, draw and point at a time, with the Quadratic model's saliency in
+    closed form (s_p = w_p x_p, ties by index): end point d of image i is clip(x_i + U(-eps, eps))
+    on stream THICKNESS_STREAM + d; f(t) = the share of (top-k, other) pairs of the clean ranking
+    still in order at x_i + t (end - x_i); the trapezoid rule over t = j / m; the mean over draws."""
     from explanations.pgd import uniform_in_ball
-    from explanations.saliency import ranking
+
+    w = model.w[0].flatten().tolist()
+
+    def order(image):  # features by decreasing saliency w_p x_p
+        s = [wp * xp for wp, xp in zip(w, image[0, 0].flatten().tolist())]
+        return sorted(range(len(s)), key=lambda p: (-s[p], p))
 
     out = []
     for i in range(x.shape[0]):
         xi = x[i : i + 1]
-        s0 = explain(model, xi, None, target="logit")[0].tolist()
-        order0 = sorted(range(len(s0)), key=lambda p: (-s0[p], p))
+        order0 = order(xi)
         top = order0[:k]
         others = order0[k:] if pairs == "all" else order0[k : 2 * k]
         total = 0.0
         for draw in range(num_samples):
-            end = uniform_in_ball(xi, eps, ids[i : i + 1], seed, stream=1000 + draw)
+            end = uniform_in_ball(xi, eps, ids[i : i + 1], seed, stream=THICKNESS_STREAM + draw)
             f = []
             for j in range(num_points + 1):
-                point = xi + (j / num_points) * (end - xi)
-                pos = {p: r for r, p in enumerate(ranking(explain(model, point, None, target="logit"))[0].tolist())}
+                pos = {p: r for r, p in enumerate(order(xi + (j / num_points) * (end - xi)))}
                 kept = sum(pos[a] < pos[b] for a in top for b in others)
                 f.append(kept / (len(top) * len(others)))
             total += sum((f[j] + f[j + 1]) / 2 for j in range(num_points)) / num_points
@@ -208,17 +216,19 @@ def _brute_thickness(model, x, k, eps, num_samples, num_points, seed, ids, pairs
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("pairs", ["all", "boundary"])
-def test_trapezoid_thickness_equals_a_brute_force_loop(pairs):
+def test_thickness_estimates_equal_the_definition_for_both_pair_sets():
     g = torch.Generator().manual_seed(3)
     model = Quadratic(torch.rand(1, 4, 4, generator=g, dtype=torch.float64) + 0.5)
     x = 0.5 + 0.05 * torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64)
     ids = torch.tensor([4, 0, 9])
     kw = dict(k=3, eps=0.1, num_samples=2, num_points=3, seed=7)
-    got = topk_thickness(model, x, None, target="logit", ids=ids, pairs=pairs, **kw)
-    want = _brute_thickness(model, x, ids=ids, pairs=pairs, **kw)
-    torch.testing.assert_close(got, want)
-    assert (want < 1).any()  # the case is not trivially 1
+    both = thickness_estimates(model, x, None, target="logit", ids=ids, **kw)  # one set of passes
+    assert set(both) == set(THICKNESS_PAIR_SETS)
+    for pairs in THICKNESS_PAIR_SETS:
+        want = _brute_thickness(model, x, ids=ids, pairs=pairs, **kw)
+        assert (want < 1).any()  # the case is not trivially 1
+        torch.testing.assert_close(both[pairs], want)
+        torch.testing.assert_close(topk_thickness(model, x, None, target="logit", ids=ids, pairs=pairs, **kw), want)
 
 
 def test_boundary_thickness_separates_a_fragile_from_a_robust_model():
@@ -237,7 +247,6 @@ def test_boundary_thickness_separates_a_fragile_from_a_robust_model():
     assert r_b == 1.0 and r_a == 1.0
     assert f_b < r_b - 0.15, (f_b, r_b)
     assert (r_b - f_b) > 3 * (r_a - f_a), (f_b, f_a)  # the boundary pairs carry the difference
-    torch.testing.assert_close(est["fragile"]["all"], topk_thickness(fragile, x, None, pairs="all", **kw))
     with pytest.raises(ValueError, match="pairs"):
         topk_thickness(fragile, x, None, pairs="next", **kw)
 

@@ -16,7 +16,7 @@ from lightning_modules import (
 )
 from explanations.activations import RELU_MODULES as RELU_TYPES, trace_activations
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _x(b: int = 2, c: int = 3, s: int = 32, seed: int = 0) -> torch.Tensor:
