@@ -12,22 +12,18 @@
   ``setup`` (before any epoch) and again when the evaluation runs.
 - Progress: a tqdm bar (rank zero, when the trainer shows a progress bar) and an INFO log line
   per evaluation.
-- Stop: SIGTERM (Lightning records it) is honoured between batches and attack passes
-  (:meth:`stop_requested`), so a ``validate`` with a long evaluation ends within seconds.
+- Stop: SIGTERM raises inside the evaluation at once (``lightning_modules.reliability.raise_on_sigterm``;
+  Lightning's handler still records it), so a ``validate`` with a long evaluation ends within seconds.
 - What was measured: :meth:`describe` (model and weights source with its sha256, data, split and
   its provenance, the subset), stated in every report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -39,6 +35,8 @@ from torch import Tensor, nn
 from callbacks._eval_subset import EvalSubset
 from explanations.evaluation import EvaluationStopped
 from explanations.files import file_sha256
+from lightning_modules.checkpoints import checkpoint_progress
+from lightning_modules.reliability import raise_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +124,7 @@ class EvaluationCallback(L.Callback):
         self._last_epoch = trainer.current_epoch if trainer.state.fn == TrainerFn.FITTING else None
         start = time.perf_counter()
         try:
-            with stop_on_sigterm():
+            with raise_on_sigterm(lambda: EvaluationStopped("SIGTERM")):
                 self.run(trainer, pl_module, loop)
         except EvaluationStopped:
             raise SIGTERMException(f"error: {self.owner}: evaluation stopped (SIGTERM)") from None
@@ -246,28 +244,6 @@ class EvaluationCallback(L.Callback):
         return tqdm(total=total, desc=desc or self.owner, leave=False, unit="img", dynamic_ncols=True)
 
 
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """While the block runs, SIGTERM raises :class:`EvaluationStopped` at once (after the handler
-    that was installed, e.g. Lightning's, has recorded it), instead of waiting for the end of an
-    attack pass: a long evaluation ends within seconds. Main thread only; the handler is restored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-        if callable(previous):
-            previous(signum, frame)
-        raise EvaluationStopped("SIGTERM")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def weights_source(trainer: L.Trainer, hparams: dict[str, Any]) -> dict[str, Any]:
     """Where the evaluated weights come from: this run's training, ``--ckpt_path``, ``init_from``,
     ``weights_file``, ``pretrained`` (timm hub) or a random initialisation; files with their sha256."""
@@ -278,7 +254,7 @@ def weights_source(trainer: L.Trainer, hparams: dict[str, Any]) -> dict[str, Any
     if trainer.state.fn == TrainerFn.FITTING:
         return {"source": "trained in this run", "epoch": trainer.current_epoch, "global_step": trainer.global_step}
     if getattr(trainer, "ckpt_path", None):
-        return file("checkpoint", trainer.ckpt_path)
+        return {**file("checkpoint", trainer.ckpt_path), **checkpoint_progress(trainer.ckpt_path)}
     if hparams.get("init_from"):
         return file("init_from", hparams["init_from"])
     if hparams.get("weights_file"):

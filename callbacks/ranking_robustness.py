@@ -213,7 +213,7 @@ class RankingRobustness(EvaluationCallback):
                     on_batch=None if record is None else record.append,
                 )
                 parts.append(new)
-        except (EvaluationStopped, KeyboardInterrupt) as exc:
+        except (EvaluationStopped, SIGTERMException, KeyboardInterrupt) as exc:
             kept = (f"; the finished batches are kept in {record.path}: rerun the same command with "
                     f"--trainer.callbacks.report_dir {record.path.parent} to resume") if record is not None else ""
             message = f"RankingRobustness: evaluation stopped ({'SIGINT' if isinstance(exc, KeyboardInterrupt) else 'SIGTERM'}){kept}"

@@ -150,7 +150,15 @@ class FinalSummary(L.Callback):
             return ""
         names = [n for _, rows in blocks for n, _ in rows] + [w for w, _ in places]
         width = max(len(n) for n in names)
-        lines = [f"Final summary ({stage}, epoch {trainer.current_epoch}, step {trainer.global_step})"]
+        ckpt = getattr(trainer, "ckpt_path", None) if stage in ("validate", "test") else None
+        if ckpt:  # the trainer's counters are 0 here: say where the evaluated weights were saved
+            from lightning_modules.checkpoints import checkpoint_progress
+
+            saved = checkpoint_progress(ckpt)
+            when = f"of the checkpoint saved at epoch {saved.get('epoch', '?')}, step {saved.get('global_step', '?')}"
+        else:
+            when = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        lines = [f"Final summary ({stage} {when})" if ckpt else f"Final summary ({stage}, {when})"]
         if measured:
             lines += ["", "-- What was measured"] + [f"  {line}" for line in measured]
         for title, rows in blocks:

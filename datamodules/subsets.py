@@ -19,7 +19,7 @@ Labels: :func:`dataset_targets` reads the ``targets`` of the project's datasets 
 :class:`TransformSubset` and ``Subset`` views (the loaders' and the study's reader);
 :func:`dataset_labels` reads any map-style dataset's labels for the evaluation subset
 (``TensorDataset``'s second tensor, a ``targets`` / ``labels`` / ``y`` attribute, through
-``Subset`` views, checked to be one integer per item). Both give None where there are none.
+``Subset`` and ``TransformSubset`` views, checked to be one integer per item). Both give None where there are none.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def dataset_targets(dataset: Dataset) -> list[int] | None:
 def dataset_labels(dataset: Dataset) -> Tensor | None:
     """The labels (N,) long of any map-style dataset without loading images, or None: a
     ``TensorDataset``'s second tensor or a ``targets`` / ``labels`` / ``y`` attribute, through
-    ``Subset`` views; None unless one integer per item. (``TransformSubset`` views are not looked
-    through: the evaluation subsets of such datasets are plain seeded permutations.)"""
-    if isinstance(dataset, Subset):
-        inner = dataset_labels(dataset.dataset)
+    ``Subset`` and ``TransformSubset`` views (CIFAR-10 from torchvision's files); None unless one
+    integer per item."""
+    if isinstance(dataset, (Subset, TransformSubset)):
+        inner = dataset_labels(dataset.dataset if isinstance(dataset, Subset) else dataset.base)
         return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
         labels = dataset.tensors[1]

@@ -82,6 +82,14 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         raise CheckpointReadError(f"cannot read the {what} {str(path)!r}: {reason}") from None
 
 
+def checkpoint_progress(path: str | os.PathLike) -> dict[str, int]:
+    """``{"epoch", "global_step"}`` a Lightning checkpoint was saved at (empty for a plain state dict)."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        return {}
+    return {k: int(checkpoint[k]) for k in ("epoch", "global_step") if isinstance(checkpoint.get(k), int)}
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints atomically (``explanations.files.atomic_write``: a temporary file, fsync, ``os.replace``).
 

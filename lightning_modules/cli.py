@@ -34,8 +34,12 @@ from lightning_modules.reliability import (
     checkpoint_dirs,
     disk_full_message,
     find_last_checkpoint,
+    raise_on_sigterm,
 )
 
+
+SIGTERM_MESSAGE = ("error: stopped by SIGTERM; checkpoints are written atomically, so the last complete one is "
+                   "intact (fit: resume with --ckpt_path last)")
 
 #: The built-in configuration, used when ``fit``/``validate``/``test`` get no ``-c``/``--config``.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -207,21 +211,31 @@ class RobustCLI(LightningCLI):
             )
 
     def _check_callback_flags(self, trainer: Any) -> None:
-        """``--trainer.callbacks.KEY=V`` sets KEY on the last callback that has it: refuse it when
-        several configured callbacks have KEY (it would silently change only one of them)."""
-        callbacks = _plain(trainer.get("callbacks")) or []
-        for flag in getattr(self, "_callback_flags", []):
-            key = flag.removeprefix("init_args.").split(".", 1)[0]  # protocol.steps: the protocol argument
-            if key in ("class_path", "init_args"):
-                continue
-            having = [c.get("class_path", "?").rsplit(".", 1)[-1] for c in callbacks
-                      if isinstance(c, dict) and key in (c.get("init_args") or {})]
-            if len(having) > 1:
-                raise SystemExit(
-                    f"error: --trainer.callbacks.{flag} is ambiguous: {len(having)} callbacks have {key!r} "
-                    f"({', '.join(having)}) and the flag changes only the last one. Set it per callback in a "
-                    "config file (-c, a trainer.callbacks list), e.g. configs/debug/quick.yaml."
-                )
+        """``--trainer.callbacks.KEY=V`` (``--trainer.logger.KEY=V``) sets KEY on the last callback
+        (logger) of the list that has it: refuse it when several configured ones have KEY (it would
+        silently change only one of them)."""
+        for section, flags in (("callbacks", getattr(self, "_callback_flags", [])),
+                               ("logger", getattr(self, "_logger_flags", []))):
+            entries = _plain(trainer.get(section)) or []
+            entries = entries if isinstance(entries, list) else [entries]
+            for flag in flags:
+                key = flag.removeprefix("init_args.").split(".", 1)[0]  # protocol.steps: the protocol argument
+                if key in ("class_path", "init_args"):
+                    continue
+                having = [c.get("class_path", "?").rsplit(".", 1)[-1] for c in entries
+                          if isinstance(c, dict) and key in (c.get("init_args") or {})]
+                if len(having) > 1:
+                    plural = {"callbacks": "callbacks", "logger": "loggers"}[section]
+                    raise SystemExit(
+                        f"error: --trainer.{section}.{flag} is ambiguous: {len(having)} {plural} have "
+                        f"{key!r} ({', '.join(having)}) and the flag changes only the last one. Set it per entry in a "
+                        f"config file (-c, a trainer.{section} list), e.g. configs/debug/quick.yaml."
+                    )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it with SIGTERM raising at once (not at the end of a step that can take a minute)."""
+        with raise_on_sigterm(lambda: SIGTERMException(SIGTERM_MESSAGE)):
+            super()._run_subcommand(subcommand)
 
     # ---- reliability (see README "Reliability"): safe loading, writable outputs, `ckpt_path: last`
     def before_fit(self) -> None:
@@ -339,6 +353,8 @@ def main(args=None) -> RobustCLI:
     RobustCLI._integer_limits = integer_batch_limits(given)
     RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in given
                                  if a.startswith("--trainer.callbacks.")]
+    RobustCLI._logger_flags = [a.split("=", 1)[0][len("--trainer.logger."):] for a in given
+                               if a.startswith("--trainer.logger.")]
     try:
         return RobustCLI(
             RobustClassifier,
@@ -352,10 +368,8 @@ def main(args=None) -> RobustCLI:
         )
     except UnwritableDirError as exc:
         raise SystemExit(f"error: {exc}") from None
-    except SIGTERMException as exc:  # Lightning raises it without a message (exit status 0)
-        raise SystemExit(exc.code if isinstance(exc.code, str) else
-                         "error: stopped by SIGTERM; checkpoints are written atomically, so the last complete one is "
-                         "intact (fit: resume with --ckpt_path last)") from None
+    except SIGTERMException as exc:  # Lightning's own is raised without a message (exit status 0)
+        raise SystemExit(exc.code if isinstance(exc.code, str) else SIGTERM_MESSAGE) from None
     except OSError as exc:
         message = disk_full_message(exc)
         if message is None:

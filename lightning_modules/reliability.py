@@ -13,11 +13,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
+import signal
+import threading
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,9 @@ def _reason(exc: OSError) -> str:
     return f"{text} ({code})" if code else text
 
 
+DEFAULT_SETTINGS = "e.g. the loggers' save_dir, ModelCheckpoint's dirpath or --trainer.default_root_dir"
+
+
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder", setting: str | None = None) -> Path:
     """Create ``path`` if needed and check that a file can be written there (probe, removed).
 
@@ -69,7 +76,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder", se
         hint = "free some disk space" if exc.errno in _DISK_FULL else "choose a writable folder"
         raise UnwritableDirError(
             f"cannot write to the {what} {str(path)!r}: {_reason(exc)}. Fix its permissions or {hint} "
-            f"({setting or 'e.g. --trainer.logger.init_args.save_dir / ModelCheckpoint dirpath / --trainer.default_root_dir'})",
+            f"({setting or DEFAULT_SETTINGS})",
             str(path), exc.errno,
         ) from None
     finally:
@@ -223,3 +230,30 @@ def find_last_checkpoint(trainer: Any) -> str | None:
     if not candidates:
         return None
     return max(candidates, key=lambda p: (os.path.getmtime(p), p))
+
+
+@contextlib.contextmanager
+def raise_on_sigterm(make_exception: Callable[[], BaseException]) -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``make_exception()`` at once, between two Python
+    operations, after calling the handler installed before (Lightning's records the signal and
+    stops its launcher's children): a long step or evaluation ends within seconds instead of at
+    the end of the step. Nested blocks: the innermost wins (it knows what was interrupted). Main
+    thread only; the previous handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        if callable(previous):
+            try:
+                previous(signum, frame)
+            except BaseException:  # an outer block's own stop: this one says more
+                pass
+        raise make_exception()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -468,3 +468,42 @@ def test_sigterm_in_the_training_loop_exits_non_zero_with_a_message(tiny_config)
         _fails(["fit", "-c", str(path)], r"stopped by SIGTERM; checkpoints are written atomically")
     finally:
         del globals()["Terminate"]
+
+
+def test_logger_flag_that_two_loggers_take_is_refused(tiny_config):
+    """With a CSV and a W&B logger, --trainer.logger.init_args.save_dir moved only the W&B logs."""
+    _fails(["fit", "-c", str(tiny_config(wandb=True)), "--trainer.logger.init_args.save_dir=elsewhere"],
+           r"--trainer\.logger\.init_args\.save_dir is ambiguous: 2 loggers have 'save_dir' "
+           r"\(CSVLogger, RobustWandbLogger\) and the flag changes only the last one")
+
+
+def test_sigterm_mid_step_ends_fit_within_seconds(tiny_config, tmp_path):
+    """A step that takes long (here: paused for minutes) does not delay a SIGTERM to its end."""
+    import signal as signal_module
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "paused"
+    path = tiny_config()
+    data = yaml.safe_load(path.read_text())
+    data["trainer"]["callbacks"].append({"class_path": "tests.fault_injection.PauseAtStep",
+                                         "init_args": {"step": 1, "marker": str(marker)}})
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "-c", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal_module.SIGTERM)
+        sent = time.monotonic()
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 10 and proc.returncode not in (0, None), out[-3000:]
+    assert "stopped by SIGTERM; checkpoints are written atomically" in out, out[-3000:]

@@ -24,8 +24,7 @@ def _fit(tmp_path: Path, *pieces: str) -> tuple[str, object]:
     args = ["fit", "-c", str(ROOT / "configs/default.yaml")]
     for piece in pieces:
         args += ["-c", str(ROOT / "configs" / piece)]
-    args += ["-c", str(ROOT / "configs/debug/quick.yaml"), *TINY,
-             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+    args += ["-c", str(ROOT / "configs/debug/quick.yaml"), *TINY]
     return main(args)
 
 
@@ -44,8 +43,7 @@ def _quick_fit_then_validate(tmp_path, capsys, monkeypatch, piece):
     ckpt = next(Path(trainer.log_dir).glob("checkpoints/*.ckpt"))
     capsys.readouterr()
     main(["validate", "-c", str(ROOT / "configs/default.yaml"), "-c", str(ROOT / "configs" / piece),
-          "-c", str(ROOT / "configs/debug/quick.yaml"), *TINY, "--ckpt_path", str(ckpt),
-          f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+          "-c", str(ROOT / "configs/debug/quick.yaml"), *TINY, "--ckpt_path", str(ckpt)])
     out = capsys.readouterr().out
     assert len(re.findall(r"^\s*val/acc\s", out, re.M)) == 1, out  # printed once, by FinalSummary
     assert "-- Accuracy" in out and "-- Robustness" in out

@@ -155,6 +155,8 @@ def test_report_states_what_was_measured_with_standard_errors(tmp_path, trained_
     assert "weights: checkpoint" in md and "split `test`" in md and " ± " in md
     out = capsys.readouterr().out
     assert "-- What was measured" in out and "evaluated checkpoint" in out and "best checkpoint" not in out
+    assert "Final summary (test of the checkpoint saved at epoch 0, step 2)" in out  # not the trainer's 0, 0
+    assert weights["epoch"] == 0 and weights["global_step"] == 2
 
 
 def test_standalone_evaluation_computes_no_training_terms(tmp_path, trained_ckpt):
