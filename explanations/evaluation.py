@@ -23,8 +23,8 @@ are those of the chosen result. Thickness (``all_pairs`` and ``boundary``,
 
 Randomness is keyed by (seed, id): attack starts, the noise baseline (``attacks.UniformNoise``,
 stream ``NOISE_STREAM``),
-thickness end points, and the PSE target draws (:func:`pse_target_uniform`), so batches, DDP
-shards and the three callers agree sample for sample.
+and thickness end points (the PSE target draws likewise: ``explanations.pse.pse_target_uniform``),
+so batches, DDP shards and the three callers agree sample for sample.
 
 Values are per image (``EvaluationResult.values``: flat keys like ``p_at_k/worst/gradient/eps_8``,
 tensors (N,)); :func:`explanations.report.build_report` turns their means into the JSON report
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from explanations.attacks import ATTACKS, NOISE_STREAM, UniformNoise, build_attack
-from explanations.explainers import check_method, eval_mode, explain_unchecked, seeded_uniform
+from explanations.explainers import check_method, eval_mode, explain_unchecked
 from explanations.ranking_metrics import (
     CORRELATIONS,
     localization_share,
@@ -57,7 +57,6 @@ from explanations.validation import check_eps, check_images, check_k, check_pool
 
 NOISE = "noise"
 WORST = "worst"
-PSE_TARGET_STREAM = 611  # seeded_uniform stream of the PSE ``random`` target rule
 DEFAULT_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 DEFAULT_ENSEMBLE: tuple[dict[str, Any], ...] = (
     {"name": "er", "kwargs": {"surrogate_beta": None}},
@@ -67,11 +66,6 @@ DEFAULT_ENSEMBLE: tuple[dict[str, Any], ...] = (
 )
 THICKNESS_PAIRS: tuple[str, ...] = ("all_pairs", "boundary")
 _SPEC_KEYS = {"name", "attack", "kwargs"}
-
-
-def pse_target_uniform(ids: Tensor, seed: int) -> Tensor:
-    """The PSE ``random`` target draw per sample (B,) float64 in (0, 1), keyed by (seed, id)."""
-    return seeded_uniform(ids, (), seed, PSE_TARGET_STREAM, torch.float64)
 
 
 def eps_label(eps: float) -> str:

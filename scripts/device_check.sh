@@ -141,7 +141,7 @@ trainer:
       init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, attacks: [er], eps: [0.0313725], steps: $EVAL_STEPS,
                   noise_baseline: true, thickness_samples: 2, thickness_points: 2, log_images: false}
     - class_path: callbacks.PSEAnalysis
-      init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, eps: 0.0313725, steps: $EVAL_STEPS, group_size: 8,
+      init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, settings: {eps: 0.0313725, steps: $EVAL_STEPS, group_size: 8},
                   log_table: false, log_chart: false}
 model:
   backbone: resnet9

@@ -12,6 +12,7 @@ from benchmarks.reproduce.evaluate import Evaluator
 from benchmarks.reproduce.presets import EvalConfig
 from callbacks import PSEAnalysis, RankingRobustness
 from callbacks._eval_subset import EvalSubset
+from explanations.pse import PSESettings
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -41,7 +42,7 @@ def test_study_and_callbacks_give_identical_numbers(tmp_path):
     rr = RankingRobustness(num_samples=9, batch_size=4, eps=[eps], steps=2, k=16,
                            attacks=[{"name": "er", "kwargs": {"surrogate_beta": None}}, {"name": "er_surrogate", "attack": "er", "kwargs": {"surrogate_beta": 10.0}}],
                            thickness_samples=1, thickness_points=2, log_images=False, correlations=True)
-    pse = PSEAnalysis(num_samples=9, batch_size=4, eps=eps, steps=3, group_size=8,
+    pse = PSEAnalysis(num_samples=9, batch_size=4, settings=PSESettings(eps=eps, steps=3, group_size=8),
                       log_table=False, log_chart=False)
     module = Module().double()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
