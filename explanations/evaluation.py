@@ -22,7 +22,7 @@ are those of the chosen result. Thickness (``all_pairs`` and ``boundary``,
 ``ranking_metrics.thickness_estimates``) is measured at ``thickness_eps`` (default: the largest eps).
 
 Randomness is keyed by (seed, id): attack starts, the noise baseline (``attacks.UniformNoise``),
-thickness end points, and the PSE target draws (:func:`pse_target_uniform`), each on its stream of
+thickness end points, and the PSE target draws (``explanations.pse.pse_target_uniform``), each on its stream of
 :mod:`explanations.streams`, so batches, DDP shards and the three callers agree sample for sample.
 
 Values are per image (``EvaluationResult.values``: flat keys like ``p_at_k/worst/gradient/eps_8``,
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from explanations.activations import resolve_surrogate, traces_reused
 from explanations.attacks import ATTACKS, UniformNoise, attack_class, build_attack, check_attack_options
-from explanations.explainers import check_method, eval_mode, explain_unchecked, seeded_uniform
+from explanations.explainers import check_method, eval_mode, explain_unchecked
 from explanations.ranking_metrics import (
     CORRELATIONS,
     localization_share,
@@ -53,7 +53,6 @@ from explanations.ranking_metrics import (
 )
 from explanations.regularizers import check_pair_set
 from explanations.saliency import check_target, num_features, resolve_k
-from explanations.streams import PSE_TARGET_STREAM
 from explanations.validation import check_eps, check_images, check_k, check_pool, check_positive_int, check_steps
 
 NOISE = UniformNoise.name  # the registered noise baseline, ``noise``
@@ -68,11 +67,6 @@ DEFAULT_ENSEMBLE: tuple[dict[str, Any], ...] = (
 #: Thickness pair set (``ranking_metrics.THICKNESS_PAIR_SETS``) -> its name in metric keys and reports.
 THICKNESS_KEYS: dict[str, str] = {"all": "all_pairs", "boundary": "boundary"}
 _SPEC_KEYS = {"name", "attack", "kwargs"}
-
-
-def pse_target_uniform(ids: Tensor, seed: int) -> Tensor:
-    """The PSE ``random`` target draw per sample (B,) float64 in (0, 1), keyed by (seed, id)."""
-    return seeded_uniform(ids, (), seed, PSE_TARGET_STREAM, torch.float64)
 
 
 def eps_label(eps: float) -> str:

@@ -29,15 +29,20 @@ Levels:
   Delta_u > tau * sd_u and suppressed if Delta_u < -tau * sd_u, sd_u the standard deviation of
   a_u over the clean samples (tau = 0.2 by default, Cohen's "small" effect; tau = 0: the sign).
 
+:class:`PSESettings` holds every choice (its field docs are the settings' one help text).
 :func:`analyze_batch` runs the whole analysis (targeted PGD, the four levels) on a batch, and
 :func:`batch_sums` / :func:`summarize` turn it into sum-reducible statistics and final numbers
-(so that shards of a data set, e.g. DDP ranks, combine exactly).
+(so that shards of a data set, e.g. DDP ranks, combine exactly); :func:`run_analysis` runs it
+over batches of a set of images with the ``random`` targets keyed by (seed, dataset index)
+(:func:`pse_target_uniform`). Tables, figures and report files: :mod:`explanations.pse_report`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -51,13 +56,23 @@ from explanations.cam import (
     resolve_layer,
     top_region,
 )
-from explanations.explainers import eval_mode
+from explanations.explainers import eval_mode, seeded_uniform
 from explanations.targeted_pgd import check_norm, check_target_rule, perturbation_norm, targeted_pgd
 from explanations.validation import check_eps, check_positive, check_positive_int, check_steps
 
 CATEGORIES: tuple[str, ...] = ("suppression", "balanced", "promotion", "ineffective")
 SUPPRESSION, BALANCED, PROMOTION, INEFFECTIVE = range(4)
 DEFAULT_CUTOFFS: tuple[float, float] = (1 / 3, 2 / 3)
+from explanations.streams import PSE_TARGET_STREAM  # noqa: E402  (the one table of streams)
+
+
+def pse_target_uniform(ids: Tensor, seed: int) -> Tensor:
+    """The ``random`` target draw per sample (B,) float64 in (0, 1), keyed by (seed, dataset index).
+
+    The callback, the checkpoint report and the reproduction study all draw with it, so a sample
+    gets the same target everywhere, every epoch and on every DDP rank.
+    """
+    return seeded_uniform(ids, (), seed, PSE_TARGET_STREAM, torch.float64)
 
 
 def check_cutoffs(cutoffs) -> tuple[float, float]:
@@ -287,26 +302,46 @@ def unit_changes(clean: Tensor, adv: Tensor, threshold: float = 0.2) -> UnitChan
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class PSESettings:
-    """Every choice of the analysis (docs/pse.md).
+    """Every choice of the analysis (definitions and reasons: docs/pse.md).
 
-    Attack: eps (l_inf: in (0, 1], pixel units; l2: a positive radius), steps (>= 1), step_size
-    (None: 2.5 eps / steps), norm (linf/l2), target_rule
-    (random/least_likely/second_likely), kappa (C&W confidence), rand_init, early_stop.
-    Categories: cutoffs (lo, hi). Population: only_correct (analyse correctly classified samples
-    only), include_failed (count failed attacks in the category shares; they are always counted
-    and reported). Group: group_size g, group_chunk_size (images per forward pass).
-    Image: cam_method (gradcam/cam), cam_layer (None: :func:`explanations.cam.default_cam_layer`),
-    cam_quantile (region = top fraction of pixels). Network: unit_layer (None: the CAM layer),
-    unit_threshold tau.
+    The ``Args`` below are the one help text of these settings: LightningCLI shows them for
+    ``callbacks.PSEAnalysis(settings=...)`` and ``benchmarks/pse_report.py`` makes a flag of each
+    field with its doc, type, choices and default. Every value is checked here
+    (``explanations.validation``), so every entry point refuses the same bad values.
+
+    Args:
+        eps: targeted PGD budget in pixel units of [0, 1] (linf: the radius, in (0, 1]; l2: a positive
+            l2 radius)
+        steps: PGD iterations (>= 1)
+        step_size: PGD step (null: 2.5 eps / steps)
+        norm: threat model of the attack
+        target_rule: target class: random (keyed by seed and dataset index), least_likely or
+            second_likely
+        kappa: C&W margin confidence
+        rand_init: start PGD from a uniform random point of the ball
+        early_stop: freeze a sample at its first successful iterate
+        cutoffs: phi cut-offs (lo, hi) between suppression / balanced / promotion, 0 <= lo <= hi <= 1
+        only_correct: analyse correctly classified images only
+        include_failed: count failed attacks in the category shares (they are always counted and
+            reported)
+        group_size: side g of the g x g pixel groups
+        group_chunk_size: images per batched forward pass of the group analysis
+        cam_method: class activation map method (cam needs the layer the linear head reads)
+        cam_layer: module path of the CAM layer (null: the model's default,
+            explanations.cam.default_cam_layer)
+        cam_quantile: CAM region: the top fraction of pixels, in (0, 1]
+        unit_layer: module path of the layer of the unit analysis (null: the CAM layer)
+        unit_threshold: tau >= 0: a unit is promoted / suppressed when its mean change exceeds tau
+            times its clean sd
     """
 
     eps: float = 8 / 255
     steps: int = 10
     step_size: float | None = None
-    norm: str = "linf"
-    target_rule: str = "random"
+    norm: Literal["linf", "l2"] = "linf"
+    target_rule: Literal["random", "least_likely", "second_likely"] = "random"
     kappa: float = 0.0
     rand_init: bool = False
     early_stop: bool = True
@@ -315,7 +350,7 @@ class PSESettings:
     include_failed: bool = False
     group_size: int = 8
     group_chunk_size: int = 256
-    cam_method: str = "gradcam"
+    cam_method: Literal["gradcam", "cam"] = "gradcam"
     cam_layer: str | None = None
     cam_quantile: float = 0.2
     unit_layer: str | None = None
@@ -323,13 +358,14 @@ class PSESettings:
 
     def __post_init__(self) -> None:
         check_norm(self.norm)
-        self.eps = check_eps(self.eps, norm=self.norm)
+        object.__setattr__(self, "eps", check_eps(self.eps, norm=self.norm))  # frozen: normalised once here
         check_steps(self.steps)
         if self.step_size is not None:
-            self.step_size = check_positive(self.step_size, "step_size (null: 2.5 eps / steps)")
+            step_size = check_positive(self.step_size, "step_size (null: 2.5 eps / steps)")
+            object.__setattr__(self, "step_size", step_size)
         check_target_rule(self.target_rule)
         check_cam_method(self.cam_method)
-        self.cutoffs = check_cutoffs(self.cutoffs)
+        object.__setattr__(self, "cutoffs", check_cutoffs(self.cutoffs))
         check_positive_int(self.group_size, "group_size")
         check_positive_int(self.group_chunk_size, "group_chunk_size")
         if not 0.0 < self.cam_quantile <= 1.0:
@@ -584,3 +620,41 @@ def per_sample_rows(batch: PSEBatch) -> tuple[list[str], Tensor]:
     )
     return columns, torch.cat([values, group_counts], dim=1)
 
+
+# --------------------------------------------------------------------------------------------
+# The analysis over a set of images
+# --------------------------------------------------------------------------------------------
+
+
+def run_analysis(
+    model: nn.Module,
+    batches: Iterable[Any],
+    settings: PSESettings,
+    device: torch.device | str,
+    seed: int = 0,
+    on_batch: Callable[[PSEBatch], None] | None = None,
+) -> tuple[dict[str, Tensor] | None, list[str], Tensor | None]:
+    """Analyse every batch: (sums, per-sample column names, rows (N, F) with the dataset ``id`` first).
+
+    ``batches`` yield objects with ``x`` (B, C, H, W), ``y`` (B,), ``ids`` (B,) dataset indices and
+    ``to(device, dtype)`` (``callbacks._eval_subset.EvalBatch``); images are cast to the model's
+    floating dtype. The ``random`` targets come from :func:`pse_target_uniform` (seed, id).
+    ``sums`` (:func:`batch_sums`, added over batches) is None when there is no batch; ``on_batch``
+    sees each :class:`PSEBatch` (e.g. to keep examples for a figure). The model is put in eval
+    mode by the analysis helpers (modes restored) and the work runs inside ``torch.enable_grad()``.
+    """
+    params = next(iter(model.parameters()), None)
+    dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
+    sums, rows, columns = None, [], ["id"]
+    with torch.enable_grad():
+        for batch in batches:
+            batch = batch.to(device, dtype)
+            uniform = pse_target_uniform(batch.ids, seed)
+            result = analyze_batch(model, batch.x, batch.y, settings, uniform=uniform)
+            sums = add_sums(sums, {k: v.to(device) for k, v in batch_sums(result, settings).items()})
+            names, values = per_sample_rows(result)
+            columns = ["id", *names]
+            rows.append(torch.cat([batch.ids.double()[:, None].to(values.device), values], 1).cpu())
+            if on_batch is not None:
+                on_batch(result)
+    return sums, columns, (torch.cat(rows) if rows else None)

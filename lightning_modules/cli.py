@@ -7,15 +7,20 @@ later ``-c`` files override earlier ones (e.g. trainer/, data/, model/ pieces).
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import os
+import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -45,6 +50,15 @@ SIGTERM_MESSAGE = ("error: stopped by SIGTERM; checkpoints are written atomicall
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
+def _has_key(mapping: Any, dotted: str) -> bool:
+    """Whether nested mappings hold the dotted key (``settings.eps``: mapping["settings"]["eps"])."""
+    for part in dotted.split("."):
+        if not isinstance(mapping, dict) or part not in mapping:
+            return False
+        mapping = mapping[part]
+    return True
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "as_dict"):
         value = value.as_dict()
@@ -70,6 +84,69 @@ class ConfigToLoggers(SaveConfigCallback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_config"):
                 logger.log_config(config, path)
+
+
+_CLASS_LINE = re.compile(r"Problem with given class_path '([\w.]+)'")
+_UNKNOWN_KEY = re.compile(r"^(?:Group '([\w.]+)' does not accept option|Option) '(\w+)'(?: is not accepted)?$")
+_UNKNOWN_FLAG = re.compile(r"^unrecognized arguments: --(?:init_args\.)?(?:([\w.]+)\.)?(\w+)(?:[= ]|$)")
+
+
+def _parameter_types(cls: type) -> dict[str, Any] | None:
+    """{name: annotation} of a class's constructor (dataclass fields included), or None."""
+    try:
+        params = inspect.signature(cls).parameters
+        hints = typing.get_type_hints(cls.__init__)
+    except (TypeError, ValueError, NameError):
+        return None
+    return {name: hints.get(name) for name, p in params.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _valid_keys(class_path: str, group: str | None, key: str) -> str | None:
+    """'valid: ...' for an unknown ``key`` of ``class_path``'s arguments (or of its dataclass-typed
+    argument ``group``); with a hint when ``key`` is a field of one of its dataclass arguments."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        owner = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    types = _parameter_types(owner)
+    for part in (group.split(".") if group else []):
+        hint = (types or {}).get(part)
+        types = _parameter_types(hint) if dataclasses.is_dataclass(hint) else None
+    if not types:
+        return None
+    text = f"valid: {', '.join(types)}"
+    nested = [n for n, hint in types.items() if dataclasses.is_dataclass(hint) and key in (_parameter_types(hint) or {})]
+    if nested:
+        text += f" ('{key}' is a field of '{nested[0]}': write {nested[0]}: {{{key}: ...}})"
+    return text
+
+
+def name_valid_keys(message: str) -> str:
+    """jsonargparse's error ``message`` with the valid keys added to each "not accepted" line of a
+    class's arguments (jsonargparse names the unknown key only)."""
+    lines, owners = [], []  # owners: (indent, class_path) of the enclosing "Problem with given class_path" lines
+    for line in message.splitlines():
+        indent = len(line) - len(line.lstrip())
+        while owners and owners[-1][0] >= indent:
+            owners.pop()
+        found = _CLASS_LINE.search(line)
+        unknown = _UNKNOWN_KEY.match(line.strip()) or _UNKNOWN_FLAG.match(line.strip())
+        if found:
+            owners.append((indent, found.group(1)))
+        elif unknown and owners:
+            valid = _valid_keys(owners[-1][1], unknown.group(1), unknown.group(2))
+            line += f"; {valid}" if valid else ""
+        lines.append(line)
+    return "\n".join(lines)
+
+
+class RobustArgumentParser(LightningArgumentParser):
+    """The CLI's parser: an unknown key of a class's arguments is refused with the valid ones."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        return super().error(name_valid_keys(message), ex)
 
 
 class RobustCLI(LightningCLI):
@@ -211,24 +288,24 @@ class RobustCLI(LightningCLI):
             )
 
     def _check_callback_flags(self, trainer: Any) -> None:
-        """``--trainer.callbacks.KEY=V`` (``--trainer.logger.KEY=V``) sets KEY on the last callback
-        (logger) of the list that has it: refuse it when several configured ones have KEY (it would
-        silently change only one of them)."""
+        """``--trainer.callbacks.KEY=V`` / ``--trainer.logger.KEY=V`` (KEY may be nested, e.g.
+        ``settings.eps``) sets KEY on the last callback (logger) of the list: refuse it when several
+        configured ones have KEY (it would silently change only one of them)."""
         for section, flags in (("callbacks", getattr(self, "_callback_flags", [])),
                                ("logger", getattr(self, "_logger_flags", []))):
             entries = _plain(trainer.get(section)) or []
             entries = entries if isinstance(entries, list) else [entries]
             for flag in flags:
-                key = flag.removeprefix("init_args.").split(".", 1)[0]  # protocol.steps: the protocol argument
-                if key in ("class_path", "init_args"):
+                key = flag.removeprefix("init_args.")
+                if key.split(".")[0] in ("class_path", "init_args"):
                     continue
                 having = [c.get("class_path", "?").rsplit(".", 1)[-1] for c in entries
-                          if isinstance(c, dict) and key in (c.get("init_args") or {})]
+                          if isinstance(c, dict) and _has_key(c.get("init_args") or {}, key)]
                 if len(having) > 1:
                     plural = {"callbacks": "callbacks", "logger": "loggers"}[section]
                     raise SystemExit(
-                        f"error: --trainer.{section}.{flag} is ambiguous: {len(having)} {plural} have "
-                        f"{key!r} ({', '.join(having)}) and the flag changes only the last one. Set it per entry in a "
+                        f"error: --trainer.{section}.{flag} is ambiguous: {len(having)} {plural} have {key!r} "
+                        f"({', '.join(having)}) and the flag changes only the last one. Set it per entry in a "
                         f"config file (-c, a trainer.{section} list), e.g. configs/debug/quick.yaml."
                     )
 
@@ -339,6 +416,23 @@ class RobustCLI(LightningCLI):
                 kwargs["ckpt_path"] = None
 
 
+def _cli_classes() -> dict[str, Any]:
+    """What the command line is built over (``main`` and ``build_from_configs``)."""
+    return dict(model_class=RobustClassifier, datamodule_class=LightningDataModule, subclass_mode_data=True,
+                trainer_defaults={"inference_mode": False}, auto_configure_optimizers=False,
+                parser_class=RobustArgumentParser)
+
+
+def _prepare(given: list[str]) -> None:
+    """Checks of the raw arguments, and what the CLI's checks need to know about them."""
+    check_config_files(given)
+    RobustCLI._integer_limits = integer_batch_limits(given)
+    RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in given
+                                 if a.startswith("--trainer.callbacks.")]
+    RobustCLI._logger_flags = [a.split("=", 1)[0][len("--trainer.logger."):] for a in given
+                               if a.startswith("--trainer.logger.")]
+
+
 def main(args=None) -> RobustCLI:
     """Entry point used by train.py (and by tests, with ``args``).
 
@@ -349,21 +443,12 @@ def main(args=None) -> RobustCLI:
         given = sys.argv[1:]
     else:
         args = given = with_default_config(list(args))
-    check_config_files(given)
-    RobustCLI._integer_limits = integer_batch_limits(given)
-    RobustCLI._callback_flags = [a.split("=", 1)[0][len("--trainer.callbacks."):] for a in given
-                                 if a.startswith("--trainer.callbacks.")]
-    RobustCLI._logger_flags = [a.split("=", 1)[0][len("--trainer.logger."):] for a in given
-                               if a.startswith("--trainer.logger.")]
+    _prepare(given)
     try:
         return RobustCLI(
-            RobustClassifier,
-            LightningDataModule,
-            subclass_mode_data=True,
-            trainer_defaults={"inference_mode": False},
+            **_cli_classes(),
             save_config_callback=ConfigToLoggers,
             save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
             args=args,
         )
     except UnwritableDirError as exc:
@@ -375,6 +460,22 @@ def main(args=None) -> RobustCLI:
         if message is None:
             raise
         raise SystemExit(message) from exc
+
+
+def build_from_configs(configs: list[str | Path]) -> RobustCLI:
+    """What ``train.py`` builds from these config files (later ones win), without running anything.
+
+    The same parser and checks as ``main``; ``cli.datamodule``, ``cli.trainer.callbacks`` and
+    ``cli.model`` are the configured objects. Nothing is seeded (``seed_everything`` off), no
+    loggers are built, and the model is built without reading any weights (``pretrained``,
+    ``weights_file`` and ``init_from`` off): this is for tools whose weights come from elsewhere
+    (``benchmarks/pse_report.py --ckpt``).
+    """
+    args = [arg for config in configs for arg in ("-c", str(config))]
+    args += ["--seed_everything=false", "--trainer.logger=false", "--model.pretrained=false",
+             "--model.weights_file=null", "--model.init_from=null"]
+    _prepare(args)
+    return RobustCLI(**_cli_classes(), save_config_callback=None, args=args, run=False)
 
 
 def with_default_config(args: list[str]) -> list[str]:

@@ -142,7 +142,7 @@ trainer:
                   protocol: {attacks: [er], eps: [0.0313725], steps: $EVAL_STEPS, noise: true,
                              thickness_samples: 2, thickness_points: 2}}
     - class_path: callbacks.PSEAnalysis
-      init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, eps: 0.0313725, steps: $EVAL_STEPS, group_size: 8,
+      init_args: {num_samples: $EVAL_N, batch_size: $EVAL_N, settings: {eps: 0.0313725, steps: $EVAL_STEPS, group_size: 8},
                   log_table: false, log_chart: false}
 model:
   backbone: resnet9

@@ -118,9 +118,9 @@ def test_zero_attack_steps_in_the_evaluation_is_refused(tiny_config, monkeypatch
 
 def test_pixel_unit_eps_and_zero_steps_in_the_pse_analysis_are_refused(tiny_config):
     with pytest.raises(ValueError, match=r"eps=8\.0 is in pixel units of \[0, 1\]; did you mean 8/255 = 0\.0314\?"):
-        main(["fit", "-c", str(tiny_config(**_callback("PSEAnalysis", eps=8)))])
+        main(["fit", "-c", str(tiny_config(**_callback("PSEAnalysis", settings={"eps": 8})))])
     with pytest.raises(ValueError, match=r"steps=0 must be an integer >= 1"):
-        main(["fit", "-c", str(tiny_config(**_callback("PSEAnalysis", steps=0)))])
+        main(["fit", "-c", str(tiny_config(**_callback("PSEAnalysis", settings={"steps": 0})))])
 
 
 def test_noise_attack_with_noise_baseline_false_is_a_conflict(tiny_config):

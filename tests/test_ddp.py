@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from explanations.evaluation import ProtocolSettings
 from callbacks import PSEAnalysis, RankingRobustness
+from explanations.pse import PSESettings
 from lightning_modules.classifier import RobustClassifier
 
 GLOBAL_BATCH = 8
@@ -87,7 +88,8 @@ def fit(tmp_path, devices: int) -> tuple[dict[str, torch.Tensor], dict[str, list
             num_samples=8, batch_size=4, log_images=False,
             protocol=ProtocolSettings(steps=2, attacks=["er"], thickness=False, localization=False, noise=True),
         ),
-        PSEAnalysis(num_samples=8, batch_size=4, steps=2, only_correct=False, group_size=8, log_table=False, log_chart=False),
+        PSEAnalysis(num_samples=8, batch_size=4, settings=PSESettings(steps=2, only_correct=False, group_size=8),
+                    log_table=False, log_chart=False),
     ]
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",

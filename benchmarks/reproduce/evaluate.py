@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from explanations.attacks import PaperERAttack
-from explanations.evaluation import WORST, EvaluationProtocol, eps_tag, iter_batches, pse_target_uniform
+from explanations.evaluation import WORST, EvaluationProtocol, eps_tag, iter_batches
 from explanations.explainers import eval_mode, explain_unchecked, explain_with_logits
 from explanations.ranking_metrics import precision_at_k
-from explanations.pse import PSESettings, add_sums, analyze_batch, batch_sums, summarize
+from explanations.pse import PSESettings, add_sums, analyze_batch, batch_sums, pse_target_uniform, summarize
 
 from benchmarks.reproduce.data import ImageSet
 from benchmarks.reproduce.presets import EvalConfig

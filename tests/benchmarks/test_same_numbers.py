@@ -14,6 +14,7 @@ from benchmarks.reproduce.presets import EvalConfig
 from callbacks import PSEAnalysis, RankingRobustness
 from callbacks._eval_subset import EvalSubset
 from explanations.evaluation import ProtocolSettings, eps_tag
+from explanations.pse import PSESettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -49,7 +50,8 @@ def test_study_tables_equal_the_callbacks_logs_on_the_same_images(tmp_path):
     # the callbacks' defaults: the protocol's default ensemble (ER, ER through Softplus(10), MSE, noise)
     rr = RankingRobustness(num_samples=9, batch_size=4, log_images=False, protocol=ProtocolSettings(
         eps=list(EPS), steps=2, k=16, thickness_samples=1, thickness_points=2))
-    pse = PSEAnalysis(num_samples=9, batch_size=4, eps=EPS[-1], steps=3, group_size=8, log_table=False, log_chart=False)
+    pse = PSEAnalysis(num_samples=9, batch_size=4, settings=PSESettings(eps=EPS[-1], steps=3, group_size=8),
+                      log_table=False, log_chart=False)
     _validate(module, val, [rr, pse], tmp_path / "main")
     # the sweep's attack: ER and its Softplus(10) version, worst case of the two, no noise baseline
     sweep_cb = RankingRobustness(num_samples=9, batch_size=4, log_images=False, protocol=ProtocolSettings(

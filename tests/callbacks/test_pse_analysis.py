@@ -1,7 +1,9 @@
-"""PSEAnalysis on the synthetic data: every key logged, a W&B table (offline), reports on disk."""
+"""PSEAnalysis on the synthetic data: every key logged, a W&B table (offline), reports on disk; its
+settings given whole through the CLI (nested YAML, flags, refusals)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -12,10 +14,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from callbacks.pse_analysis import PSEAnalysis, analyze_checkpoint, table_data
+from benchmarks.pse_report import analyze_checkpoint
+from callbacks.pse_analysis import PSEAnalysis
 from datamodules import SyntheticDataModule
-from explanations.pse import CATEGORIES
+from explanations.pse import CATEGORIES, PSESettings
+from explanations.pse_report import table_data
 from lightning_modules.classifier import RobustClassifier
+from lightning_modules.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,11 +45,11 @@ def tiny_module() -> RobustClassifier:
     )
 
 
-def callback(tmp_path: Path, **kwargs) -> PSEAnalysis:
-    args = dict(num_samples=8, batch_size=8, steps=3, eps=16 / 255, group_size=8, only_correct=False,
-                out_dir=str(tmp_path / "pse"), num_examples=1)
+def callback(tmp_path: Path, settings: dict | None = None, **kwargs) -> PSEAnalysis:
+    analysis = {"steps": 3, "eps": 16 / 255, "group_size": 8, "only_correct": False, **(settings or {})}
+    args = dict(num_samples=8, batch_size=8, out_dir=str(tmp_path / "pse"), num_examples=1)
     args.update(kwargs)
-    return PSEAnalysis(**args)
+    return PSEAnalysis(settings=PSESettings(**analysis), **args)
 
 
 def test_callback_logs_every_key_and_a_wandb_table(tmp_path, monkeypatch):
@@ -134,8 +139,8 @@ def test_inference_mode_is_refused(tmp_path):
 
 
 def test_validate_and_test_runs_and_settings_validation(tmp_path):
-    cb = callback(tmp_path, out_dir=None, every_n_epochs=5, target_rule="second_likely", norm="l2", eps=0.5,
-                  num_samples=4, steps=2)
+    cb = callback(tmp_path, dict(target_rule="second_likely", norm="l2", eps=0.5, steps=2), out_dir=None,
+                  every_n_epochs=5, num_samples=4)
     trainer = L.Trainer(accelerator="cpu", inference_mode=False, logger=False, callbacks=[cb],
                         limit_val_batches=1, limit_test_batches=1,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -146,9 +151,11 @@ def test_validate_and_test_runs_and_settings_validation(tmp_path):
     assert "pse/attack_success_rate" in trainer.callback_metrics
     assert [h["stage"] for h in cb.history] == ["validate", "test"]
     with pytest.raises(ValueError, match="target_rule"):
-        PSEAnalysis(target_rule="most_likely")
+        PSESettings(target_rule="most_likely")
     with pytest.raises(ValueError, match="cutoffs"):
-        PSEAnalysis(cutoffs=(0.8, 0.2))
+        PSESettings(cutoffs=(0.8, 0.2))
+    with pytest.raises(TypeError, match=r"settings=\{'eps': 0.1\} must be an explanations.pse.PSESettings"):
+        PSEAnalysis(settings={"eps": 0.1})
 
 
 def test_table_data_formats_rows():
@@ -177,8 +184,7 @@ def test_category_share_chart_leaves_undefined_epochs_out_instead_of_plotting_ze
 def test_analyze_checkpoint_checks_its_output_folder_first_and_states_the_weights(tmp_path, monkeypatch):
     import hashlib
 
-    import callbacks.pse_analysis as pse_module
-    from explanations.pse import PSESettings
+    import benchmarks.pse_report as pse_module
 
     module = tiny_module()
     ckpt = tmp_path / "m.ckpt"
@@ -199,3 +205,73 @@ def test_analyze_checkpoint_checks_its_output_folder_first_and_states_the_weight
     report = json.loads((tmp_path / "out" / "pse_test.json").read_text())
     assert ran and json.dumps(report).count(hashlib.sha256(ckpt.read_bytes()).hexdigest()) == 1
     assert "synthetic glyphs" in json.dumps(report)
+
+
+# ------------------------------------------------------------------------ the settings through the CLI
+def _pse_config(tiny_config, *entries: dict) -> str:
+    callbacks = [{"class_path": "callbacks.PSEAnalysis", "init_args": e} for e in entries]
+    return str(tiny_config(trainer={"callbacks": callbacks}))
+
+
+def _fit_without_training(monkeypatch, args: list[str]) -> list:
+    """The PSEAnalysis callbacks ``train.py fit`` builds from ``args`` (Trainer.fit recorded, not run)."""
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    ran = []
+
+    @functools.wraps(L.Trainer.fit)  # keep the signature: the CLI builds its arguments from it
+    def record(self, *a, **k):
+        ran.append(self)
+
+    monkeypatch.setattr(L.Trainer, "fit", record)
+    main(["fit", *args])
+    return [c for c in ran[0].callbacks if isinstance(c, PSEAnalysis)]
+
+
+def test_settings_nest_in_yaml_and_a_flag_changes_one_field(tiny_config, monkeypatch, one_thread):
+    config = _pse_config(tiny_config, {"num_samples": 4, "settings": {"eps": 0.125, "steps": 10, "target_rule": "least_likely"}})
+    (cb,) = _fit_without_training(monkeypatch, ["-c", config])
+    assert cb.settings == PSESettings(eps=0.125, steps=10, target_rule="least_likely")
+    (cb,) = _fit_without_training(monkeypatch, ["-c", config, "--trainer.callbacks.settings.steps=3",
+                                                "--trainer.callbacks.settings.norm=l2"])
+    assert cb.settings == PSESettings(eps=0.125, steps=3, target_rule="least_likely", norm="l2")  # the rest kept
+
+
+@pytest.mark.parametrize(("settings", "flags", "message"), [
+    ({"epz": 0.125}, [], r"Group 'settings' does not accept option 'epz'; valid: eps, steps, step_size, norm, target_rule"),
+    ({}, ["--trainer.callbacks.settings.epz=0.1"], r"--settings.epz=0.1; valid: eps, steps, step_size, norm"),
+    ({"target_rule": "most_likely"}, [], r"Expected a typing.Literal\['random', 'least_likely', 'second_likely'\]"),
+    ({}, ["--trainer.callbacks.settings.norm=l3"], r"Expected a typing.Literal\['linf', 'l2'\]. Got value: l3"),
+])
+def test_a_typo_or_an_unknown_choice_is_refused_with_the_valid_ones(tiny_config, capsys, plain_argv, settings, flags,
+                                                                   message):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "-c", _pse_config(tiny_config, {"settings": settings}), *flags])
+    assert info.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_flat_setting_of_the_old_form_is_refused_with_where_it_goes(tiny_config, capsys, plain_argv):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", _pse_config(tiny_config, {"eps": 0.125})])
+    assert ("Option 'eps' is not accepted; valid: every_n_epochs, num_samples, batch_size, seed, settings, log_table, "
+            "log_chart, out_dir, num_examples ('eps' is a field of 'settings': write settings: {eps: ...})"
+            ) in capsys.readouterr().err
+
+
+def test_a_nested_flag_two_callbacks_have_is_ambiguous(tiny_config, plain_argv):
+    config = _pse_config(tiny_config, {"settings": {"steps": 2}}, {"settings": {"steps": 5}})
+    with pytest.raises(SystemExit, match=r"--trainer\.callbacks\.settings\.steps is ambiguous: 2 callbacks have "
+                                         r"'settings\.steps' \(PSEAnalysis, PSEAnalysis\)"):
+        main(["fit", "-c", config, "--trainer.callbacks.settings.steps=3"])
+
+
+def test_help_lists_each_setting_with_its_doc_and_choices(capsys, plain_argv):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--trainer.callbacks.help", "callbacks.PSEAnalysis"])
+    assert info.value.code in (0, None)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--trainer.callbacks.settings.target_rule {random,least_likely,second_likely}" in out
+    assert "--trainer.callbacks.settings.cam_method {gradcam,cam}" in out
+    assert "--trainer.callbacks.settings.unit_threshold UNIT_THRESHOLD tau >= 0: a unit is promoted" in out

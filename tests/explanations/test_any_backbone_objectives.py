@@ -1,7 +1,6 @@
 """R2ET, Est-H and grad_norm on models other than the shipped ResNet-9 (small sizes, CPU)."""
 
 import pytest
-import timm
 import torch
 
 from explanations.objectives import build_objective

@@ -251,3 +251,27 @@ def test_failed_attacks_are_counted_not_dropped():
     numbers = summarize(batch_sums(analyze_batch(model, x, labels, cfg_all, uniform=torch.rand(5)), cfg_all), cfg_all)
     assert numbers["num_counted"] == 5  # the failed attacks are in the category shares
     assert sum(numbers[f"frac_{c}"] for c in CATEGORIES) == pytest.approx(1.0)
+
+
+def test_settings_choices_are_the_validators_lists():
+    """The Literal types the CLI and pse_report offer are the values the validators accept."""
+    import typing
+
+    from explanations.cam import CAM_METHODS
+    from explanations.pgd import NORMS
+    from explanations.targeted_pgd import TARGET_RULES
+
+    hints = typing.get_type_hints(PSESettings)
+    assert typing.get_args(hints["norm"]) == NORMS
+    assert typing.get_args(hints["target_rule"]) == TARGET_RULES
+    assert typing.get_args(hints["cam_method"]) == CAM_METHODS
+
+
+def test_docs_settings_table_lists_every_setting():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "pse.md").read_text()
+    table = text[text.index("## Settings"):text.index("## Where the numbers go")]
+    assert re.findall(r"^\| `(\w+)` \|", table, flags=re.M) == [f.name for f in dataclasses.fields(PSESettings)]

@@ -12,7 +12,7 @@ from explanations.regularizers import (
     grad_norm_term,
     safe_norm,
 )
-from explanations.saliency import input_gradient, saliency_from_gradient, topk_indices
+from explanations.saliency import input_gradient, saliency_from_gradient
 
 
 def test_gap_term_hand_computed():

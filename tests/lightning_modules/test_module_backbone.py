@@ -3,7 +3,6 @@
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 from lightning_modules import backbones
 from lightning_modules.backbones import build_backbone
