@@ -18,7 +18,8 @@ first segment (from the weakest setting) whose two accuracies bracket a, per ima
 v(a) = v_j + t (v_{j+1} - v_j), t = (a - acc_j) / (acc_{j+1} - acc_j). The estimate uses each
 setting's seed means; its interval is a two-level percentile bootstrap: every replicate redraws
 each setting's training seeds (with replacement, independently per setting and method) and the
-images (with replacement, one draw shared by both methods: paired), re-interpolates both curves
+images (with replacement, one draw shared by both methods: paired; a setting both curves share,
+named by the same key, is redrawn once for both), re-interpolates both curves
 at a on the replicate's seed-mean accuracies and takes the mean per-image difference. Replicates
 in which a curve does not reach a are left out (``defined`` is the share kept). A curve with one
 setting (an anchor) is compared at its own accuracy (redrawn with its seeds).
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -131,11 +133,17 @@ class Curve:
 
     accuracy: Sequence[Mapping[int, float]]
     values: Sequence[Mapping[int, Tensor | Sequence[float]]]
+    #: Optional names of the settings: a setting two curves share (the same runs under the same
+    #: name, e.g. the SP run that starts every regularizer's curve) has its seeds redrawn once per
+    #: bootstrap replicate for both curves.
+    keys: Sequence[Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.accuracy or len(self.accuracy) != len(self.values):
             raise ValueError(f"a curve needs accuracies and values for the same settings, got {len(self.accuracy)} "
                              f"and {len(self.values)}")
+        if self.keys is not None and len(self.keys) != len(self.accuracy):
+            raise ValueError(f"keys name {len(self.keys)} settings, the curve has {len(self.accuracy)}")
         for j, (acc, val) in enumerate(zip(self.accuracy, self.values)):
             if not acc or set(acc) != set(val):
                 raise ValueError(f"setting {j}: seeds {sorted(acc)} of the accuracies and {sorted(val)} of the "
@@ -160,7 +168,8 @@ class Curve:
         keep = [j for j in range(self.settings) if seed in self.accuracy[j]]
         if not keep:
             return None
-        return Curve([{seed: self.accuracy[j][seed]} for j in keep], [{seed: self.values[j][seed]} for j in keep])
+        return Curve([{seed: self.accuracy[j][seed]} for j in keep], [{seed: self.values[j][seed]} for j in keep],
+                     None if self.keys is None else [self.keys[j] for j in keep])
 
 
 def interpolate_curve(acc: Tensor, values: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,13 +211,19 @@ def _curve_means(curve: Curve, weights: list[Tensor] | None) -> tuple[Tensor, Te
     return torch.stack(accs), torch.stack(vals)
 
 
-def _seed_weights(curve: Curve, r: int, gen: torch.Generator) -> list[Tensor]:
-    """Per setting, (R, S) weights of a resample of its S seeds with replacement (counts / S)."""
+def _seed_weights(curve: Curve, tag: str, r: int, gen: torch.Generator, drawn: dict) -> list[Tensor]:
+    """Per setting, (R, S) weights of a resample of its S seeds with replacement (counts / S);
+    a setting named in ``drawn`` (by its key, shared with the other curve) reuses that draw."""
     out = []
     for j in range(curve.settings):
+        key = (tag, j) if curve.keys is None else ("key", curve.keys[j])
         s = len(curve.accuracy[j])
-        draws = torch.randint(0, s, (r, s), generator=gen)
-        out.append(torch.nn.functional.one_hot(draws, s).sum(1).double() / s)
+        if key not in drawn:
+            draws = torch.randint(0, s, (r, s), generator=gen)
+            drawn[key] = torch.nn.functional.one_hot(draws, s).sum(1).double() / s
+        if drawn[key].shape != (r, s):
+            raise ValueError(f"setting {curve.keys[j]!r} is shared by both curves with other seeds")
+        out.append(drawn[key])
     return out
 
 
@@ -279,7 +294,9 @@ def matched_bootstrap(
     diffs = []
     for start in range(0, resamples, chunk):
         r = min(chunk, resamples - start)
-        ra, wb = _curve_means(a, _seed_weights(a, r, gen)), _curve_means(b, _seed_weights(b, r, gen))
+        drawn: dict = {}
+        ra = _curve_means(a, _seed_weights(a, "a", r, gen, drawn))
+        wb = _curve_means(b, _seed_weights(b, "b", r, gen, drawn))
         tgt = wb[0][0] if accuracy is None else torch.full((r,), float(accuracy), dtype=torch.float64)
         xa, da, _ = interpolate_curve(*ra, tgt)
         xb, db, _ = interpolate_curve(*wb, tgt)

@@ -301,8 +301,6 @@ def test_an_l2_step_without_step_size_travels_like_the_signed_step():
     """The defaults of the l2 step are the Euclidean length of the signed step they replace."""
     d = 3 * 8 * 8
     model = small_double_model()
-    x = 0.5 + 0.01 * double_data(4)[0]
-    y = model(x).argmax(1)
     attack = ERAttack(model, eps=0.02, steps=4, step="l2", k=10, legacy=True)
     assert attack._initial_step(d) == pytest.approx(2.5 * 0.02 / 4 * d ** 0.5)
     assert ERAttack(model, eps=0.02, steps=4, step="l2")._initial_step(d) == pytest.approx(2 * 0.02 * d ** 0.5)

@@ -141,3 +141,16 @@ def test_matched_bootstrap_samples_the_training_seeds():
         matched_bootstrap(b, b)
     with pytest.raises(ValueError, match="seeds \\[0\\] of the accuracies and \\[1\\]"):
         Curve([{0: 0.9}], [{1: difficulty}])
+
+
+def test_a_setting_both_curves_share_is_redrawn_once():
+    """Two curves that start at the same runs (keys) differ by exactly 0 there, in every replicate."""
+    g = torch.Generator().manual_seed(0)
+    start = {s: torch.rand(30, generator=g, dtype=torch.float64) for s in range(3)}
+    acc = {0: 0.91, 1: 0.91, 2: 0.91}  # the start at 0.91 in every replicate: t = 0 there
+    a = Curve([acc, {0: 0.8, 1: 0.8, 2: 0.8}], [start, {s: torch.ones(30) for s in range(3)}], keys=["sp", "a1"])
+    b = Curve([acc, {0: 0.7, 1: 0.7, 2: 0.7}], [start, {s: torch.zeros(30) for s in range(3)}], keys=["sp", "b1"])
+    at_start = matched_bootstrap(a, b, accuracy=0.91, resamples=500)
+    assert at_start.paired_diff == pytest.approx(0.0) and at_start.ci_low == at_start.ci_high == pytest.approx(0.0)
+    unnamed = matched_bootstrap(Curve(a.accuracy, a.values), Curve(b.accuracy, b.values), accuracy=0.91, resamples=500)
+    assert unnamed.ci_high - unnamed.ci_low > 0.05  # drawn independently, the shared runs look like noise
