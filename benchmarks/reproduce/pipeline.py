@@ -355,7 +355,10 @@ def near_settings(task: TaskConfig, runs: dict[str, dict]) -> dict[str, Any]:
     of its settings (first ``seeds`` seeds; for a regularizer or AT, starting at the SP run) is
     followed from the weakest setting; at each matched accuracy the two settings of the first
     bracketing segment are *near* (``near``: method -> values of its own settings). Anchors are
-    near themselves (they are compared at their own accuracy).
+    near themselves (they are compared at their own accuracy), and so is every setting of a
+    *short* curve, one that brackets fewer than two matched accuracies (or none, with one matched
+    accuracy) (``short``): it is also
+    compared at each of its own settings' accuracies.
     """
     ref_method = task.matched_reference
     if ref_method not in task.frontier:
@@ -365,6 +368,7 @@ def near_settings(task: TaskConfig, runs: dict[str, dict]) -> dict[str, Any]:
     reference = sum(ref) / len(ref)
     accuracies = [reference - d / 100.0 for d in task.matched_drops]
     near: dict[str, list] = {}
+    short: list[str] = []
     for method in task.frontier:
         if not is_sweep(method) or len(task.frontier[method]) == 1 and not starts_at_sp(task, method):
             near[method] = list(task.frontier[method])
@@ -375,11 +379,16 @@ def near_settings(task: TaskConfig, runs: dict[str, dict]) -> dict[str, Any]:
             first = [i["sweep"]["val_acc"] for s, i in _by_setting(runs, m, v).items() if s < task.seeds]
             accs.append(sum(first) / len(first))
         chosen: list = []
+        reached = 0
         for a in accuracies:
             for j in range(len(points) - 1):
                 if min(accs[j], accs[j + 1]) <= a <= max(accs[j], accs[j + 1]):
                     chosen += [points[j], points[j + 1]]
+                    reached += 1
                     break
+        if reached < min(2, len(accuracies)):
+            short.append(method)
+            chosen += [(method, v) for v in task.frontier[method]]
         own = [v for m, v in points if m == method and (m, v) in chosen]
         if own:
             near[method] = own
@@ -388,7 +397,7 @@ def near_settings(task: TaskConfig, runs: dict[str, dict]) -> dict[str, Any]:
             if task.softplus_beta not in near["sp"]:
                 near["sp"].append(task.softplus_beta)
     return {"reference_method": ref_method, "reference": reference, "accuracies": accuracies,
-            "drops_points": list(task.matched_drops), "near": near}
+            "drops_points": list(task.matched_drops), "near": near, "short": short}
 
 
 def budgets(task: TaskConfig) -> list[str]:
@@ -439,11 +448,13 @@ def frontier_block(task: TaskConfig, result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def curve(task: TaskConfig, result: dict[str, Any], method: str, budget: str) -> Curve:
+def curve(task: TaskConfig, result: dict[str, Any], method: str, budget: str, only: float | None = None) -> Curve:
     """A method's :class:`Curve` at one budget: val accuracies and per-image test P@k per setting
-    (strength order, SP's run first for a regularizer or AT) and training seed."""
+    (strength order, SP's run first for a regularizer or AT) and training seed; ``only``: just
+    that value's setting (a one-setting curve, compared at its own accuracy)."""
     accs, vals, keys = [], [], []
-    for m, v in _settings(task, method):
+    points = _settings(task, method) if only is None else [(method, only)]
+    for m, v in points:
         seeds = _by_setting(result["runs"], m, v)
         accs.append({s: i["sweep"]["val_acc"] for s, i in seeds.items()})
         vals.append({s: _per_image(result["eval"][i["run"]], budget) for s, i in seeds.items()})
@@ -453,10 +464,11 @@ def curve(task: TaskConfig, result: dict[str, Any], method: str, budget: str) ->
 
 def matched_block(task: TaskConfig, result: dict[str, Any]) -> dict[str, Any]:
     """Per pair ``a_vs_b`` (``MATCHED_PAIRS`` whose methods are both in the frontier) and budget: a
-    list of rows at the matched accuracies (an anchor b: one row at b's own accuracy) with
-    ``accuracy``, ``paired_diff`` (a - b), ``ci_low``, ``ci_high``, ``seeds_agree`` and the rest
-    of :class:`explanations.statistics.MatchedDiff`; accuracies a curve does not reach are listed
-    under ``out_of_range``."""
+    list of rows at the matched accuracies (an anchor b: one row at b's own accuracy; a short
+    curve b, see :func:`near_settings`: also one row at each of its settings' own accuracies,
+    ``at_setting``) with ``accuracy``, ``paired_diff`` (a - b), ``ci_low``, ``ci_high``,
+    ``seeds_agree`` and the rest of :class:`explanations.statistics.MatchedDiff`; accuracies a
+    curve does not reach are listed under ``out_of_range``."""
     out: dict[str, Any] = {}
     plan = result["plan"]
     ids = None
@@ -480,7 +492,16 @@ def matched_block(task: TaskConfig, result: dict[str, Any]) -> dict[str, Any]:
                 if res is None:
                     missing.append(target)
                     continue
-                rows.append(res.as_dict())
+                rows.append({**res.as_dict(), "at_setting": setting_label(b, task.frontier[b][0]) if anchor else None})
+            if not anchor and b in plan.get("short", []):
+                for value in task.frontier[b]:
+                    res = matched_bootstrap(ca, curve(task, result, b, budget, only=value), None,
+                                            resamples=task.matched_resamples, seed=i)
+                    label = setting_label(b, value)
+                    if res is None:
+                        missing.append(label)
+                        continue
+                    rows.append({**res.as_dict(), "at_setting": label})
             pair["by_budget"][budget] = {"rows": rows, "out_of_range": missing}
         out[f"{a}_vs_{b}"] = pair
     return out

@@ -91,7 +91,7 @@ def dominance(rows: list[dict], a: str, b: str) -> str:
     signs = [r["sign"] for r in rows]
     agree = all(r["seeds_agree"] for r in rows)
     n = len(rows)
-    where = "its accuracy" if n == 1 else f"all {n} matched accuracies"
+    where = "its accuracy" if n == 1 else f"all {n} compared accuracies"
     if all(s == 1 for s in signs):
         return f"{a} above {b} at {where}" + (" (every seed too)" if agree else " (not in every seed)")
     if all(s == -1 for s in signs):
@@ -100,12 +100,13 @@ def dominance(rows: list[dict], a: str, b: str) -> str:
         return f"not resolved at {where} (every interval contains 0)"
     parts = [f"{a} above at {sum(s == 1 for s in signs)}", f"{b} above at {sum(s == -1 for s in signs)}",
              f"not resolved at {sum(s == 0 for s in signs)}"]
-    return "mixed: " + ", ".join(parts) + f" of {n} matched accuracies"
+    return "mixed: " + ", ".join(parts) + f" of {n} compared accuracies"
 
 
 def _row_text(r: dict) -> str:
     star = "*" if r["seeds_agree"] else ""
-    return f"{_d(r['paired_diff'])} [{_d(r['ci_low'])}, {_d(r['ci_high'])}]{star} at {_f(r['accuracy'], 4)}"
+    where = f" ({r['at_setting']})" if r.get("at_setting") else ""
+    return f"{_d(r['paired_diff'])} [{_d(r['ci_low'])}, {_d(r['ci_high'])}]{star} at {_f(r['accuracy'], 4)}{where}"
 
 
 # ------------------------------------------------------------------------------------- summary
@@ -203,8 +204,8 @@ def findings(task: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------- tables
 def matched_table(task: dict, budget: str) -> list[str]:
-    lines = ["| a − b | val accuracy | a | b | a − b [95% interval] | per-seed intervals | seeds agree | replicates kept |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| a − b | val accuracy | where | a | b | a − b [95% interval] | per-seed intervals | seeds agree | "
+             "replicates kept |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for key, pair in task["matched"].items():
         a, b = _pair_name(key)
@@ -213,12 +214,14 @@ def matched_table(task: dict, budget: str) -> list[str]:
             continue
         for r in block["rows"]:
             seeds = "; ".join(f"s{s}: [{_d(d['ci_low'])}, {_d(d['ci_high'])}]" for s, d in sorted(r["per_seed"].items()))
-            lines.append(f"| {a} − {b} | {_f(r['accuracy'], 4)} | {_f(r['value_a'])} | {_f(r['value_b'])} | "
+            where = f"{b} {r['at_setting']}" if r.get("at_setting") else "matched grid"
+            lines.append(f"| {a} − {b} | {_f(r['accuracy'], 4)} | {where} | {_f(r['value_a'])} | {_f(r['value_b'])} | "
                          f"{_d(r['paired_diff'])} [{_d(r['ci_low'])}, {_d(r['ci_high'])}] | {seeds or '–'} | "
                          f"{'yes' if r['seeds_agree'] else 'no'} | {_f(r['defined'], 2)} |")
         missing = block["out_of_range"]
         verdicts.append(f"- {a} − {b}: {dominance(block['rows'], a, b)}"
-                        + (f"; not reached by a curve: {', '.join(_f(m, 4) for m in missing)}" if missing else "") + ".")
+                        + (f"; not reached by a curve: {', '.join(m if isinstance(m, str) else _f(m, 4) for m in missing)}"
+                           if missing else "") + ".")
     return lines + [""] + verdicts
 
 
@@ -276,9 +279,12 @@ def plan_lines(task: dict) -> list[str]:
     if not plan.get("near"):
         return []
     near = "; ".join(f"{METHOD_NAMES[m]}: {', '.join(_label(task, m, v) for v in vs)}" for m, vs in plan["near"].items())
+    short = ", ".join(METHOD_NAMES[m] for m in plan.get("short", []))
     return [f"Near settings (trained with {task['config']['near_seeds']} seeds; the others with {task['config']['seeds']}): "
             f"{near}. A setting is near when it is one end of the first segment of its method's seed-mean curve "
-            "(first seeds, validation accuracy) that brackets a matched accuracy."]
+            "(first seeds, validation accuracy) that brackets a matched accuracy; anchors are near, and so is every "
+            "setting of a curve that brackets fewer than two matched accuracies (short: "
+            f"{short or 'none'}), which is also compared at each of its own settings' accuracies."]
 
 
 def _label(task: dict, method: str, value) -> str:

@@ -169,12 +169,17 @@ def test_frontier_end_to_end_interrupted_and_resumed(tmp_path, cifar, monkeypatc
     assert plan["accuracies"][0] == pytest.approx(plan["reference"])
     for key, pair in matched.items():
         assert set(pair["by_budget"]) == {"1/255", "2/255", "4/255", "8/255", "paper"}
+        short = pair["b"] in plan["short"]
         for budget, block in pair["by_budget"].items():
-            targets = [r["accuracy"] for r in block["rows"]] + list(block["out_of_range"])
+            grid = [r["accuracy"] for r in block["rows"] if r["at_setting"] is None]
+            grid += [m for m in block["out_of_range"] if not isinstance(m, str)]
+            own = [r["at_setting"] for r in block["rows"] if r["at_setting"] is not None]
+            own += [m for m in block["out_of_range"] if isinstance(m, str)]
             if pair["anchor"]:
-                assert len(targets) == 1
+                assert grid == [] and own == ["-"]
             else:
-                assert sorted(targets) == pytest.approx(sorted(plan["accuracies"]))
+                assert sorted(grid) == pytest.approx(sorted(plan["accuracies"]))
+                assert own == (frontier[pair["b"]]["order"] if short else [])
             for r in block["rows"]:
                 assert {"accuracy", "paired_diff", "ci_low", "ci_high", "seeds_agree"} <= set(r)
                 assert r["ci_low"] <= r["paired_diff"] + 1e-9 and r["paired_diff"] <= r["ci_high"] + 1e-9
@@ -325,3 +330,22 @@ def test_study_order_prefixes_are_balanced():
     order = study_order(targets, 12)
     assert len(order) == len(set(order)) == 12
     assert sorted(targets[i] for i in order[:9]) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_short_curve_is_also_compared_at_its_own_settings():
+    """SP's curve (0.90 -> 0.80) reaches 0.87 but not 0.75: it is short, so all its settings are
+    near and R2ET is compared at each SP setting's own accuracy too."""
+    task = TaskConfig(frontier={"sp": [10.0, 5.0], "r2et": [0.1, 1.0]}, softplus_beta=10.0,
+                      matched_drops=(3.0, 15.0), matched_resamples=100)
+    task.eval.eps_list, task.eval.eps, task.eval.paper_size = (2 / 255,), 2 / 255, 0
+    result = _synthetic(task)
+    result["plan"] = pipeline.near_settings(task, result["runs"])
+    assert result["plan"]["short"] == ["sp"] and sorted(result["plan"]["near"]["sp"]) == [5.0, 10.0]
+    block = pipeline.matched_block(task, result)["r2et_vs_sp"]["by_budget"]["2/255"]
+    assert block["out_of_range"] == [pytest.approx(0.75)]
+    rows = {r["at_setting"]: r for r in block["rows"]}
+    assert set(rows) == {None, "beta=10", "beta=5"}
+    t = (0.80 - 0.87) / (0.70 - 0.87)  # R2ET at SP(5)'s accuracy: between w=0.1 (0.87) and w=1 (0.70)
+    assert rows["beta=5"]["accuracy"] == pytest.approx(0.80)
+    assert rows["beta=5"]["paired_diff"] == pytest.approx(0.5 + t * (0.9 - 0.5) - 0.5)
+    assert rows["beta=10"]["paired_diff"] == pytest.approx(0.0)  # the shared start
