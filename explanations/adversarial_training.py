@@ -27,12 +27,13 @@ so each batch gets new noise, reproducible under ``seed_everything``), ``step`` 
 ``units: normalized`` trains against the R2ET reference code's attack (``batch_retrain.retrain``,
 mode ``at``: ``PGD_m(..., 1, ..., epsilon=1)``): ``steps`` l2 steps of length ``step_size`` in
 the model's normalised input space z = (x - mean) / std (the model's ``normalize`` layer), the
-box ``steps * step_size`` normalised units, no [0, 1] clipping
-(:class:`explanations.attacks.PaperERAttack` with ``first_flip``); the reference strength is one
-step of length 1 (one std, e.g. 0.226 in pixels for the ImageNet statistics). ``eps`` must be
-left unset (the box is the reference's), ``step`` ``l2``, ``random_start`` false and the pair set
-``boundary``; a model without a ``normalize`` layer is refused when the classifier is built
-(:meth:`AdversarialTraining.check_model`). As in the rest of this module, a sample whose step
+box ``steps * step_size`` normalised units (the reference's), capped at 1 pixel (1 / max(std)
+normalised units: a longer step can reach the cap only on a pixel it moves by more than the
+whole [0, 1] range), no [0, 1] clipping (:class:`explanations.attacks.PaperERAttack` with
+``first_flip``); the reference strength is one step of length 1 (one std, e.g. 0.226 in pixels
+for the ImageNet statistics). ``eps`` must be left unset (the box is the reference's), ``step``
+``l2``, ``random_start`` false and the pair set ``boundary``; a model without a ``normalize``
+layer is refused when the classifier is built (:meth:`AdversarialTraining.check_model`). As in the rest of this module, a sample whose step
 flips the prediction trains on its clean image (the reference keeps the flipped image; the share
 is logged as ``attack_flipped``).
 
@@ -111,7 +112,9 @@ class AdversarialTraining(Objective):
         if mean is None:
             norm = _normalize_layer(model)
             mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
-        return PaperERAttack(model, mean=mean, std=std, **self.attack_config)
+        cfg = self.attack_config
+        box = min(cfg["steps"] * cfg["step_size"], 1.0 / max(std))  # the reference's box, at most 1 pixel wide
+        return PaperERAttack(model, mean=mean, std=std, box=box, **cfg)
 
     def attack_for(self, model: nn.Module) -> ERAttack:
         """The training attack of ``model`` (what :meth:`__call__` runs on each batch)."""
@@ -119,8 +122,7 @@ class AdversarialTraining(Objective):
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model the training attack cannot run on, before training: ``units:
-        normalized`` needs a ``normalize`` layer (mean, std) and a box steps * step_size whose
-        widest side in pixels, times max(std), is at most 1."""
+        normalized`` needs a ``normalize`` layer (mean, std)."""
         try:
             self._build(model)
         except ValueError as exc:

@@ -204,7 +204,8 @@ def findings(task: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------- tables
 def matched_table(task: dict, budget: str) -> list[str]:
-    lines = ["| a − b | val accuracy | where | a | b | a − b [95% interval] | per-seed intervals | seeds agree | "
+    lines = ["| a − b | val accuracy | where | a (seed-mean curve) | b (seed-mean curve) | a − b (seed-mean curves) "
+             "[95% interval, images and seeds] | per-seed intervals (each seed's own curves) | seeds agree | "
              "replicates kept |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for key, pair in task["matched"].items():

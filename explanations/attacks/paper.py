@@ -42,6 +42,9 @@ class PaperERAttack(ERAttack):
         model: classifier on pixel images in [0, 1] (normalisation inside the model).
         mean, std: per-channel normalisation of the reference's input space.
         steps: 100. step_size: l2 length of a step in normalised units (5e-3).
+        box: l_inf radius of the box around the clean image, normalised units (None: the
+            reference's steps * step_size); its widest side in pixels, box * max(std), must be
+            in (0, 1].
         k: top-k size (100 in the reference). first_flip: stop at the first flip (reference).
         clip: also clip to [0, 1] pixels (the reference does not). Other keywords: ERAttack's.
 
@@ -56,29 +59,33 @@ class PaperERAttack(ERAttack):
         self, model: nn.Module, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
         steps: int = 100, step_size: float = 5e-3, k: int | float = 100, first_flip: bool = True,
         clip: bool = False, target: str = "loss", surrogate_beta: float | str | None = None,
-        **kwargs: Any,
+        box: float | None = None, **kwargs: Any,
     ) -> None:
         check_steps(steps)
         check_positive(step_size, "step_size")
+        if box is not None:
+            check_positive(box, "box")
         self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
         self.std = torch.as_tensor(std, dtype=torch.float64).flatten()
         if not bool((self.std > 0).all()):
             raise ValueError(f"std={std!r} must be positive")
         super().__init__(
-            model, eps=steps * step_size, steps=steps, step_size=step_size, k=k, pair_set="boundary",
+            model, eps=steps * step_size if box is None else box, steps=steps, step_size=step_size, k=k,
+            pair_set="boundary",
             step="l2", target=target, random_start=False, surrogate_beta=surrogate_beta,
             legacy=first_flip, **kwargs,
         )
         self.clip = bool(clip)
 
     def _check_eps(self, eps: float) -> float:
-        """The box radius steps * step_size is in normalised units: its widest pixel-unit side,
-        radius * max(std), must be a budget in (0, 1]."""
+        """The box radius (steps * step_size, or ``box``) is in normalised units: its widest
+        pixel-unit side, radius * max(std), must be a budget in (0, 1]."""
         widest = float(eps) * float(self.std.max())
         if not 0.0 < widest <= 1.0:
             raise ValueError(
                 f"steps * step_size = {eps:g} normalised units is a box of radius {widest:.4g} in pixel units "
-                f"(times max(std) = {float(self.std.max()):g}); it must be in (0, 1]: lower steps or step_size"
+                f"(times max(std) = {float(self.std.max()):g}); it must be in (0, 1]: lower steps or step_size, "
+                "or give a box"
             )
         return float(eps)
 

@@ -347,15 +347,42 @@ def test_at_normalized_units_refusals():
     objective = build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized")
     with pytest.raises(ValueError, match="needs a model with a `normalize` layer"):
         objective.check_model(small_double_model())
-    big = build_objective("at", k=10, steps=1, step="l2", step_size=8.0, units="normalized")
-    with pytest.raises(ValueError, match=r"8 normalised units is a box of radius 1.832 in pixel units"):
-        big.check_model(_normalized_model())
 
 
-def test_the_classifier_refuses_a_reference_at_box_too_wide_for_its_model_before_training():
+
+def test_a_long_reference_at_step_keeps_its_l2_length_under_a_one_pixel_box():
+    """Steps longer than 1 / max(std) normalised units keep the box at 1 pixel; the step's l2
+    length is still step_size normalised units (the box binds only on a pixel moved by > 1)."""
+    model = _normalized_model()
+    x, y = double_data(6)
+    x = 0.25 + 0.5 * x
+    objective = build_objective("at", k=10, steps=1, step="l2", step_size=8.0, units="normalized")
+    objective.check_model(model)
+    attack = objective.attack_for(model)
+    assert attack.eps == pytest.approx(1 / 0.229)  # the box, normalised units: 1 pixel for the widest std
+    x_adv = attack(x, y)
+    kept = ~attack.flipped
+    z = ((x_adv - x) / model.normalize.std).flatten(1)[kept]
+    assert kept.any() and (z.abs().amax(dim=1) < attack.eps).all()
+    torch.testing.assert_close(z.norm(dim=1), torch.full((int(kept.sum()),), 8.0, dtype=z.dtype))
+    reference = build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized")
+    assert reference.attack_for(model).eps == pytest.approx(1.0)  # the reference's box: steps * step_size
+
+
+def test_the_classifier_checks_its_model_against_the_objective_when_built(monkeypatch):
+    """RobustClassifier calls ``objective.check_model(model)`` once it has its model, so a model the
+    training attack cannot run on is refused before any step."""
     classifier = pytest.importorskip("lightning_modules.classifier")
-    kwargs = dict(backbone="resnet9", backbone_kwargs={"width": 2}, num_classes=3, activation="softplus", objective="at", k=8)
-    with pytest.raises(ValueError, match=r"objective 'at' \(its training attack\): steps \* step_size = 8 normalised"):
-        classifier.RobustClassifier(**kwargs, objective_kwargs={"steps": 1, "step": "l2", "step_size": 8.0, "units": "normalized"})
-    module = classifier.RobustClassifier(**kwargs, objective_kwargs={"steps": 1, "step": "l2", "step_size": 1.0, "units": "normalized"})
-    assert isinstance(module.objective.attack_for(module.model), ERAttack)
+    from explanations.adversarial_training import AdversarialTraining
+
+    def refuse(self, model):
+        raise ValueError(f"refused {type(model).__name__}")
+
+    at = {"objective": "at", "k": 8, "objective_kwargs": {"steps": 1, "step": "l2", "step_size": 1.0, "units": "normalized"}}
+    kwargs = dict(backbone="resnet9", backbone_kwargs={"width": 2}, num_classes=3, activation="softplus", **at)
+    module = classifier.RobustClassifier(**kwargs)
+    attack = module.objective.attack_for(module.model)  # the model's own std: the reference box of 1 unit
+    assert isinstance(attack, ERAttack) and attack.eps == pytest.approx(1.0)
+    monkeypatch.setattr(AdversarialTraining, "check_model", refuse)
+    with pytest.raises(ValueError, match="refused NormalizedClassifier"):
+        classifier.RobustClassifier(**kwargs)
