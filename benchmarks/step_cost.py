@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.isolation import fresh_process
 from explanations import build_objective
 from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
@@ -422,19 +423,13 @@ def _hardware(device: torch.device) -> dict[str, object]:
 
 # ----------------------------------------------------------------------------- isolation
 def _child_run(args: argparse.Namespace, backbone: str, objective: str, memory: bool) -> dict[str, float]:
-    """One objective alone in a fresh process (``--child``): its step timings (and memory)."""
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        cmd = [sys.executable, "-m", "benchmarks.step_cost", "--child", "--out", str(out), "--backbones", backbone,
-               "--objectives", objective, "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats), "--device", args.device, "--resnet9-width", str(args.resnet9_width)]
-        cmd += ["--threads", str(args.threads)] if args.threads else []
-        cmd += [] if memory else ["--no-memory"]
-        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())
+    """One objective alone in a fresh process (``--child-out``): its step timings (and memory)."""
+    argv = ["--backbones", backbone, "--objectives", objective, "--batch-size", str(args.batch_size),
+            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device,
+            "--resnet9-width", str(args.resnet9_width)]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += [] if memory else ["--no-memory"]
+    return fresh_process("benchmarks.step_cost", argv)
 
 
 def run_isolated(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -530,14 +525,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="(default) each objective in a fresh process beside a fresh vanilla one, alternated")
     layout.add_argument("--interleaved", dest="layout", action="store_const", const="interleaved",
                         help="all objectives in one process, round-robin (biased: see the module docstring)")
-    layout.add_argument("--child", dest="layout", action="store_const", const="child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)  # one objective, as JSON
     parser.set_defaults(layout="isolated")
     parser.add_argument("--invocations", type=int, default=3, help="isolated: invocations of every pair (default 3)")
     parser.add_argument("--fit", action="store_true", help="also time train.py fit on the default config (images/s)")
     parser.add_argument("--fit-steps", type=int, default=32, help="--fit: training steps per run (default 32)")
     parser.add_argument("--fit-skip", type=int, default=3, help="--fit: first steps not timed (default 3)")
     args = parser.parse_args(argv)
-    if args.layout == "child":  # one objective, this process: the row as JSON
+    if args.child_out is not None:  # one objective, this process: the row as JSON (benchmarks.isolation)
         if args.threads:
             torch.set_num_threads(args.threads)
         device = torch.device(args.device)
@@ -552,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = runner.timing_stats()
         if not args.no_memory:
             row.update(runner.memory())
-        args.out.write_text(json.dumps(row))
+        args.child_out.write_text(json.dumps(row))
         return row
     if "vanilla" not in args.objectives:
         args.objectives.insert(0, "vanilla")
