@@ -21,6 +21,10 @@
    callbacks, measured from ``on_train_epoch_start`` to ``on_train_epoch_end``). When the default
    config has no ``RankingRobustness`` the shipped default settings are added.
 
+Isolation: ``--invocations N`` (default 3) runs the whole measurement in N fresh processes
+(``benchmarks.isolation``) and the JSON's ``ratio`` and ``callback_overhead`` are the medians over
+them, with ``invocations`` holding each one's values and their min / max / spread.
+
 Threads: ``--threads`` (default 2, the target machine's cores) via ``torch.set_num_threads``; the
 attack timing is repeated with one thread (``default_model_1_thread`` in the details), where the
 per-image loop pays no thread hand-off per small op, the compute-bound case.
@@ -33,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.isolation import fresh_process, spread
 from explanations.attacks import ERAttack
 from explanations.evaluation import ProtocolSettings
 
@@ -181,9 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's max_epochs")
     parser.add_argument("--small-cnn", action="store_true", help="also time a two-layer CNN")
     parser.add_argument("--skip-callback", action="store_true", help="skip the training run")
+    parser.add_argument("--invocations", type=int, default=3, help="fresh processes to run it in (medians reported)")
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)  # one invocation, as JSON
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.child_out is None:
+        return _isolated(args, [a for a in (argv if argv is not None else sys.argv[1:])])
+    torch.set_num_threads(args.threads)
 
     default = time_attack(default_model(), args.num_images, args.steps)
     result: dict = dict(batched_s=default["batched_s"], per_sample_s=default["per_sample_s"], ratio=default["ratio"])
@@ -207,6 +217,30 @@ def main(argv: list[str] | None = None) -> dict:
         details["callback"] = overhead
     details["load_avg_at_end"] = os.getloadavg()
     result["details"] = details
+    Path(args.child_out).write_text(json.dumps(result))
+    return result
+
+
+def _isolated(args: argparse.Namespace, argv: list[str]) -> dict:
+    """The measurement in ``args.invocations`` fresh processes; medians and spreads over them."""
+    child_argv = []
+    skip = False
+    for a in argv:  # the parent's own options stay here
+        if skip:
+            skip = False
+            continue
+        if a in ("--out", "--invocations"):
+            skip = True
+            continue
+        if a.startswith(("--out=", "--invocations=")):
+            continue
+        child_argv.append(a)
+    runs = [fresh_process("benchmarks.attack_throughput", child_argv) for _ in range(args.invocations)]
+    keys = [k for k in ("batched_s", "per_sample_s", "ratio", "callback_overhead") if k in runs[0]]
+    stats = {k: spread([r[k] for r in runs]) for k in keys}
+    result: dict = {k: stats[k]["median"] for k in keys}
+    result["invocations"] = stats
+    result["details"] = runs[0]["details"] | {"invocation_details": [r["details"] for r in runs[1:]]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,9 +22,18 @@ vanilla (first-order only) and naive_r2et (the reference code) use PyTorch's lay
 BatchNorm, Softplus and max pooling,
 so the two improvements (fewer passes, cheaper BatchNorm double backward) can be told apart.
 
+Isolation (the default, ``--isolated``): each objective runs in its own fresh process, and a
+fresh vanilla process is timed beside it, the two in alternating order, in each of
+``--invocations`` (default 3) invocations; a ratio is the objective's median step over the
+vanilla median of the same pair, and the JSON gives its median, min and max over the invocations
+(so what else is timed cannot bias it: timed in one process next to memory-heavy objectives the
+vanilla step was 15-20% slower). ``--interleaved`` times all objectives in one process,
+round-robin (the earlier layout, kept to show that bias). ``--fit`` adds the user-level figure:
+images/s of ``train.py fit -c configs/default.yaml`` (no callbacks, the first ``--fit-skip``
+steps left out) with ``--model.objective vanilla`` and ``r2et``, fresh processes, alternated.
+
 Time: ``--warmup`` steps (default 2), then the median of ``--repeats`` (default 5) timed steps
-(``torch.cuda.synchronize`` around each on GPU). The objectives are timed round-robin, one step
-each per round, so a slow spell hits all of them. Also recorded: the fastest step (``ms_min``) and
+(``torch.cuda.synchronize`` around each on GPU). Also recorded: the fastest step (``ms_min``) and
 the median process CPU time of a step (``cpu_ms_per_step``, all threads), which other processes
 competing for the cores barely change: on a shared machine the CPU-time ratios are the stable ones.
 
@@ -38,7 +47,9 @@ buffers and the Python heap are not counted (they are not tensor memory). ``step
 part above the state held at the start of the step (activations, autograd graph, gradients).
 
 The main JSON is ``{backbone: {objective: {ms_per_step, ratio_to_vanilla, peak_mem_mb}}}`` (plus
-``step_mem_mb``, ``mem_ratio_to_vanilla``, ``ms_min``, ``cpu_ms_per_step`` and their ratios);
+``step_mem_mb``, ``mem_ratio_to_vanilla``, ``ms_min``, ``cpu_ms_per_step`` and their ratios;
+isolated: ``ratio_min``/``ratio_max``/``ratio_spread`` over the invocations and ``ms_all``, and a
+``fit`` block with the images/s of each invocation);
 ``<out>_details.json`` holds the settings, the hardware, every step time and the per-phase
 breakdown of vanilla / r2et_noh / r2et (``--phases``). ``--channels-last`` adds channels_last rows
 (``vanilla/channels_last`` ...), timed in the same rounds.
@@ -61,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.isolation import fresh_process
 from explanations import build_objective
 from explanations.fast_batchnorm import use_fast_batchnorm
 from explanations.lean_layers import use_lean_layers
@@ -362,13 +374,23 @@ def _durations(marks: list[tuple[str, float]]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- reporting
-def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+def markdown_table(results: dict[str, dict[str, dict[str, float]]], isolated: bool = False) -> str:
+    nan = float("nan")
+    if isolated:
+        lines = ["| backbone | objective | ms / step (median) | x vanilla (median) | min - max over invocations "
+                 "| CPU x vanilla | peak MB | x vanilla |", "|---|---|---:|---:|---|---:|---:|---:|"]
+        for backbone, rows in results.items():
+            for name, r in rows.items():
+                lines.append(
+                    f"| {backbone} | {name} | {r['ms_per_step']:.0f} | {r['ratio_to_vanilla']:.2f} | "
+                    f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f} | {r['cpu_ratio_to_vanilla']:.2f} | "
+                    f"{r.get('peak_mem_mb', nan):.0f} | {r.get('mem_ratio_to_vanilla', nan):.2f} |")
+        return "\n".join(lines)
     lines = [
         "| backbone | objective | ms / step (median) | x vanilla | min ms | x vanilla | CPU ms | x vanilla "
         "| peak MB | x vanilla | step MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    nan = float("nan")
     for backbone, rows in results.items():
         for name, r in rows.items():
             lines.append(
@@ -399,6 +421,89 @@ def _hardware(device: torch.device) -> dict[str, object]:
     return info
 
 
+# ----------------------------------------------------------------------------- isolation
+def _child_run(args: argparse.Namespace, backbone: str, objective: str, memory: bool) -> dict[str, float]:
+    """One objective alone in a fresh process (``--child-out``): its step timings (and memory)."""
+    argv = ["--backbones", backbone, "--objectives", objective, "--batch-size", str(args.batch_size),
+            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device,
+            "--resnet9-width", str(args.resnet9_width)]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += [] if memory else ["--no-memory"]
+    return fresh_process("benchmarks.step_cost", argv)
+
+
+def run_isolated(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Every objective in its own process, beside a fresh vanilla process, alternating order, over
+    ``args.invocations`` invocations (see the module docstring). Returns (main JSON, details)."""
+    pairs: dict[str, dict[str, list[dict]]] = {b: {o: [] for o in args.objectives if o != "vanilla"} for b in args.backbones}
+    for inv in range(args.invocations):
+        for backbone in args.backbones:
+            for name in pairs[backbone]:
+                order = ["vanilla", name] if inv % 2 == 0 else [name, "vanilla"]
+                rows = {o: _child_run(args, backbone, o, memory=inv == 0 and not args.no_memory) for o in order}
+                pairs[backbone][name].append(rows)
+                print(f"invocation {inv + 1}/{args.invocations} {backbone} {name}: "
+                      f"{rows[name]['ms_per_step']:.0f} ms vs vanilla {rows['vanilla']['ms_per_step']:.0f} ms "
+                      f"= {rows[name]['ms_per_step'] / rows['vanilla']['ms_per_step']:.2f}x", file=sys.stderr, flush=True)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for backbone, by_name in pairs.items():
+        vanilla_runs = [r["vanilla"] for runs in by_name.values() for r in runs]
+        rows = {"vanilla": _isolated_row(vanilla_runs, [1.0] * len(vanilla_runs), [1.0] * len(vanilla_runs))}
+        mem = next((r for r in vanilla_runs if "peak_mem_mb" in r), None)
+        if mem:
+            rows["vanilla"].update({k: mem[k] for k in ("peak_mem_mb", "step_mem_mb")}, mem_ratio_to_vanilla=1.0)
+        for name, runs in by_name.items():
+            ratios = [r[name]["ms_per_step"] / r["vanilla"]["ms_per_step"] for r in runs]
+            cpu = [r[name]["cpu_ms_per_step"] / r["vanilla"]["cpu_ms_per_step"] for r in runs]
+            rows[name] = _isolated_row([r[name] for r in runs], ratios, cpu)
+            first = runs[0]
+            if "peak_mem_mb" in first[name]:
+                rows[name].update(peak_mem_mb=first[name]["peak_mem_mb"], step_mem_mb=first[name]["step_mem_mb"],
+                                  mem_ratio_to_vanilla=first[name]["peak_mem_mb"] / first["vanilla"]["peak_mem_mb"])
+        results[backbone] = rows
+    return results, {"pairs": pairs}
+
+
+def _isolated_row(runs: list[dict], ratios: list[float], cpu_ratios: list[float]) -> dict[str, float]:
+    medians = [r["ms_per_step"] for r in runs]
+    return {"ms_per_step": statistics.median(medians), "ms_min": min(r["ms_min"] for r in runs),
+            "ms_max": max(r["ms_max"] for r in runs), "ms_all": medians,
+            "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in runs),
+            "ratio_to_vanilla": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_spread": max(ratios) / min(ratios) - 1, "ratios": ratios,
+            "cpu_ratio_to_vanilla": statistics.median(cpu_ratios), "invocations": len(runs)}
+
+
+def run_fit(args: argparse.Namespace) -> dict:
+    """images/s of ``train.py fit`` on the default config, vanilla vs r2et, fresh processes alternated."""
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    runs: dict[str, list[float]] = {"vanilla": [], "r2et": []}
+    for inv in range(args.invocations):
+        for objective in (["vanilla", "r2et"] if inv % 2 == 0 else ["r2et", "vanilla"]):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "fit.json"
+                callbacks = json.dumps([{"class_path": "benchmarks.fit_throughput.FitThroughput",
+                                         "init_args": {"out": str(out), "skip": args.fit_skip}}])
+                env = dict(os.environ, WANDB_MODE="disabled")
+                if args.threads:
+                    env["OMP_NUM_THREADS"] = str(args.threads)
+                subprocess.run([sys.executable, "train.py", "fit", "-c", "configs/default.yaml",
+                                "--model.objective", objective, "--trainer.callbacks", callbacks,
+                                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(args.fit_steps),
+                                "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
+                                "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"],
+                               check=True, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                runs[objective].append(json.loads(out.read_text())["images_per_s"])
+                print(f"fit invocation {inv + 1}/{args.invocations} {objective}: {runs[objective][-1]:.1f} images/s",
+                      file=sys.stderr, flush=True)
+    ratios = [v / r for v, r in zip(runs["vanilla"], runs["r2et"])]
+    return {"config": "configs/default.yaml", "steps": args.fit_steps, "skipped": args.fit_skip, "images_per_s": runs,
+            "r2et_cost_ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/step_cost.json"))
@@ -415,7 +520,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--extra-repeats", type=int, default=3, help="timed rounds of the phase breakdown")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--resnet9-width", type=int, default=64, help="64 = the reference ResNet-9 (smaller: smoke tests)")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--isolated", dest="layout", action="store_const", const="isolated",
+                        help="(default) each objective in a fresh process beside a fresh vanilla one, alternated")
+    layout.add_argument("--interleaved", dest="layout", action="store_const", const="interleaved",
+                        help="all objectives in one process, round-robin (biased: see the module docstring)")
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)  # one objective, as JSON
+    parser.set_defaults(layout="isolated")
+    parser.add_argument("--invocations", type=int, default=3, help="isolated: invocations of every pair (default 3)")
+    parser.add_argument("--fit", action="store_true", help="also time train.py fit on the default config (images/s)")
+    parser.add_argument("--fit-steps", type=int, default=32, help="--fit: training steps per run (default 32)")
+    parser.add_argument("--fit-skip", type=int, default=3, help="--fit: first steps not timed (default 3)")
     args = parser.parse_args(argv)
+    if args.child_out is not None:  # one objective, this process: the row as JSON (benchmarks.isolation)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        (name,) = args.objectives
+        loss_fn, library, channels_last = loss_functions((name,))[name]
+        model = build_model(args.backbones[0], device, channels_last, library, args.resnet9_width)
+        runner = StepRunner(model, loss_fn, *make_batch(args.batch_size, device, channels_last))
+        for _ in range(args.warmup):
+            runner.step()
+        for _ in range(args.repeats):
+            runner.timed_step()
+        row = runner.timing_stats()
+        if not args.no_memory:
+            row.update(runner.memory())
+        args.child_out.write_text(json.dumps(row))
+        return row
     if "vanilla" not in args.objectives:
         args.objectives.insert(0, "vanilla")
     if args.threads:
@@ -442,11 +575,18 @@ def main(argv: list[str] | None = None) -> dict:
                     optimizer="SGD(lr=1e-3, momentum=0.9, weight_decay=5e-4)", input="32x32 RGB, fixed random batch")
     details: dict[str, object] = {"settings": settings, "hardware": _hardware(device)}
     start = time.time()
-    results = run_all(args.objectives, args.repeats)
+    if args.layout == "isolated":
+        results, details["isolated"] = run_isolated(args)
+    else:
+        results = run_all(args.objectives, args.repeats)
     keep = ("ms_per_step", "ratio_to_vanilla", "peak_mem_mb", "step_mem_mb", "mem_ratio_to_vanilla",
-            "ms_min", "min_ratio_to_vanilla", "cpu_ms_per_step", "cpu_ratio_to_vanilla")
-    main_json = {b: {o: {k: round(v, 3) for k, v in r.items() if k in keep} for o, r in rows.items()} for b, rows in results.items()}
+            "ms_min", "ms_max", "min_ratio_to_vanilla", "cpu_ms_per_step", "cpu_ratio_to_vanilla",
+            "ratio_min", "ratio_max", "ratio_spread", "invocations")
+    main_json: dict = {b: {o: {k: round(v, 3) for k, v in r.items() if k in keep} for o, r in rows.items()}
+                       for b, rows in results.items()}
     details["results"] = results
+    if args.fit:
+        main_json["fit"] = details["fit"] = run_fit(args)
     if args.phases:
         details["phases"] = {}
         for backbone in args.backbones:
@@ -457,7 +597,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(main_json, indent=2) + "\n")
     args.out.with_name(args.out.stem + "_details.json").write_text(json.dumps(details, indent=2, default=str) + "\n")
-    print(markdown_table(results))
+    print(markdown_table(results, isolated=args.layout == "isolated"))
+    if args.fit:
+        fit = main_json["fit"]
+        print(f"\ntrain.py fit (default config): vanilla {statistics.median(fit['images_per_s']['vanilla']):.1f} "
+              f"images/s, r2et {statistics.median(fit['images_per_s']['r2et']):.1f} images/s: r2et costs "
+              f"{fit['r2et_cost_ratio']:.2f}x ({fit['ratio_min']:.2f}-{fit['ratio_max']:.2f})")
     if args.phases:
         print("\nphases (median ms):\n" + json.dumps(details["phases"], indent=1))
     return main_json

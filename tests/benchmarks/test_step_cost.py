@@ -29,7 +29,7 @@ def test_cpu_peak_memory_counts_live_tensor_bytes():
 
 def test_step_cost_writes_the_documented_json(tmp_path):
     out = tmp_path / "step_cost.json"
-    main(["--out", str(out), "--backbones", "resnet9", "--resnet9-width", "4", "--batch-size", "4",
+    main(["--out", str(out), "--interleaved", "--backbones", "resnet9", "--resnet9-width", "4", "--batch-size", "4",
           "--warmup", "0", "--repeats", "1", "--objectives", "vanilla", "r2et", "naive_r2et", "r2et/pytorch_layers"])
     data = json.loads(out.read_text())
     assert set(data) == {"resnet9"} and set(data["resnet9"]) == {"vanilla", "r2et", "naive_r2et", "r2et/pytorch_layers"}
@@ -39,3 +39,20 @@ def test_step_cost_writes_the_documented_json(tmp_path):
     assert data["resnet9"]["vanilla"]["ratio_to_vanilla"] == 1.0
     details = json.loads((tmp_path / "step_cost_details.json").read_text())
     assert details["settings"]["batch_size"] == 4 and "hardware" in details
+
+
+def test_isolated_layout_pairs_fresh_processes_and_reports_the_spread(tmp_path):
+    """Each objective in its own process beside a fresh vanilla one, per invocation: the ratio is
+    the objective's median over the vanilla median of the same pair; min/max over invocations."""
+    out = tmp_path / "step_cost.json"
+    data = main(["--out", str(out), "--backbones", "resnet9", "--resnet9-width", "4", "--batch-size", "4",
+                 "--warmup", "0", "--repeats", "1", "--objectives", "vanilla", "r2et_noh", "--invocations", "2",
+                 "--threads", "1", "--no-memory"])
+    details = json.loads((tmp_path / "step_cost_details.json").read_text())
+    pairs = details["isolated"]["pairs"]["resnet9"]["r2et_noh"]
+    assert len(pairs) == 2 and all(set(p) == {"vanilla", "r2et_noh"} for p in pairs)
+    ratios = [p["r2et_noh"]["ms_per_step"] / p["vanilla"]["ms_per_step"] for p in pairs]
+    row = data["resnet9"]["r2et_noh"]
+    assert row["invocations"] == 2 and row["ratio_min"] == pytest.approx(min(ratios), abs=1e-3)
+    assert row["ratio_max"] == pytest.approx(max(ratios), abs=1e-3)
+    assert row["ratio_to_vanilla"] == pytest.approx(sum(ratios) / 2, abs=1e-3)  # the median of two

@@ -6,10 +6,15 @@ import torch
 from torch import nn
 
 from explanations.attacks import UniformNoise
-from explanations.evaluation import pse_target_uniform
 from explanations.explainers import seeded_uniform
 from explanations.pgd import uniform_in_ball
-from explanations.streams import L2_RADIUS_OFFSET, NOISE_STREAM, PSE_TARGET_STREAM, THICKNESS_STREAM
+from explanations.pse import pse_target_uniform
+from explanations.streams import (
+    L2_RADIUS_OFFSET,
+    NOISE_STREAM,
+    PSE_TARGET_STREAM,
+    THICKNESS_STREAM,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
