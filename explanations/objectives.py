@@ -76,6 +76,10 @@ class Objective:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse (ValueError) a model this objective cannot train; called once when the
+        classifier is built, before any step. The default accepts every model."""
+
 
 class Vanilla(Objective):
     """Plain cross-entropy."""

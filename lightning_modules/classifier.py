@@ -150,6 +150,7 @@ class RobustClassifier(L.LightningModule):
         )
         if init_from is not None:
             load_model_weights(self.model, init_from, expected_hparams=self.hparams)
+        self.objective.check_model(self.model)
         if fast_batchnorm and self.objective.double_backprop:
             use_fast_batchnorm(self.model)
         if lean_layers and self.objective.double_backprop:

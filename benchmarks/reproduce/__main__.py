@@ -1,15 +1,18 @@
-"""Command line of the reproduction study.
+"""Command line of the frontier study.
 
     python -m benchmarks.reproduce --preset cpu --data-dir /tmp/cifar10_jpg \\
-        --weights-file ../shared/weights/cifar10_resnet20.th --out docs/results
+        --weights-file /work/shared/weights/cifar10_resnet20.th --out docs/results --threads 2
 
 Runs every stage that has no record yet under ``--work`` (default ``outputs/reproduce/<preset>``,
-checkpoints and stage JSONs, not committed), then writes ``<out>/results_<preset>.json`` (with a
-compact ``summary`` block per task), the plots ``<out>/*.png`` and the report ``--doc`` (default
-``<out>.md``). ``--out`` defaults to ``outputs/reproduce/<preset>/results``, outside docs/: the
-committed report (docs/results.md) is replaced only by an explicit ``--out docs/results``, and
-never by the ``smoke`` preset. ``--report-only`` re-renders the report from the existing records
-without computing anything. ``--weights-file``: the published weights a ``pretrained`` task adapts.
+checkpoints and stage JSONs, not committed), then writes ``<out>/results_<preset>.json`` (with the
+``frontier`` and ``matched`` blocks and a compact ``summary``), the plots ``<out>/*.png`` and the
+report ``--doc`` (default ``<out>.md``). ``--out`` defaults to
+``outputs/reproduce/<preset>/results``, outside docs/: the committed report (docs/results.md) is
+replaced only by an explicit ``--out docs/results``, and never by the ``smoke`` preset.
+``--report-only`` re-renders the report from the existing results JSON without computing
+anything. ``--weights-file``: the published weights a ``pretrained`` task adapts. At the start
+the run prints its stage counts and the cost model's time (``presets.estimate``). An interrupted
+run (SIGTERM, SIGINT) leaves no record of the stage it was in; the same command continues.
 """
 
 from __future__ import annotations
@@ -91,14 +94,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=False, help="CIFAR-10: torchvision's files or train/<class>, test/<class> folders")
     p.add_argument("--weights-file", default=None,
                    help="published CIFAR weights the cpu preset adapts (../shared/weights/cifar10_resnet20.th)")
-    p.add_argument("--imagenette-dir", default=None, help="Imagenette root with train/<wnid>, val/<wnid> (skipped if absent)")
-    p.add_argument("--task", choices=("all", "cifar", "imagenette"), default="all")
     p.add_argument("--out", default=None,
                    help="folder for the results JSON and plots (default outputs/reproduce/<preset>/results; "
                         "docs/results only when given, never with --preset smoke)")
     p.add_argument("--doc", default=None, help="markdown report (default: <out>.md)")
     p.add_argument("--work", default=None, help="checkpoints and stage records (default outputs/reproduce/<preset>)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (the data subsets never change)")
+    p.add_argument("--seed", type=int, default=0, help="training seed offset (the data subsets never change)")
     p.add_argument("--threads", default="auto",
                    help="torch threads: a number, or 'auto' (default): all cores when the machine is idle "
                         "(1-min load average < 1), else 1 -- on a loaded machine multi-threaded OpenMP "
@@ -109,9 +110,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="append", default=[], metavar="PATTERN",
                    help="redo the stages matching a glob, e.g. 'cifar/eval/*' (repeatable)")
     p.add_argument("--report-only", action="store_true", help="only re-render the report from the results JSON")
-    p.add_argument("--compare", action="append", default=[], metavar="JSON",
-                   help="results JSON of a rerun (another --work/--out); the report adds a noise table")
     return p
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM during a run: raised at once (the stage in progress writes no record)."""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks.reproduce.pipeline import Study, write_json
     from benchmarks.reproduce.presets import apply_override, build_preset
-    from benchmarks.reproduce.report import task_summary, write_study_report
+    from benchmarks.reproduce.report import summary, write_study_report
+    from lightning_modules.reliability import raise_on_sigterm
 
     torch.set_num_threads(_threads(args.threads))
     _quiet()
@@ -128,17 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     preset = build_preset(args.preset)
     for assignment in args.overrides:
         apply_override(preset, assignment)
-    tasks = ["cifar", "imagenette"] if args.task == "all" else [args.task]
     if not args.report_only:
-        if "imagenette" in tasks and (preset.imagenette is None or not args.imagenette_dir):
-            if args.task == "imagenette":
-                raise SystemExit("--task imagenette needs --imagenette-dir")
-            why = f"the {preset.name} preset has no Imagenette task" if preset.imagenette is None else "no --imagenette-dir given"
-            print(f"note: {why}; the Imagenette part is skipped", file=sys.stderr)
-            tasks.remove("imagenette")
-        if "cifar" in tasks and not args.data_dir:
-            raise SystemExit("--data-dir (CIFAR-10) is required for the cifar task")
-        if "cifar" in tasks and preset.cifar.pretrained and not (args.weights_file and Path(args.weights_file).is_file()):
+        if not args.data_dir:
+            raise SystemExit("--data-dir (CIFAR-10) is required")
+        if preset.cifar.pretrained and not (args.weights_file and Path(args.weights_file).is_file()):
             raise SystemExit(f"--preset {args.preset} adapts published CIFAR weights: --weights-file {args.weights_file!r} "
                              "must name the file (e.g. ../shared/weights/cifar10_resnet20.th)")
 
@@ -154,44 +151,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     hardware = _hardware()
-    study = Study(
-        preset, work, {"cifar10": args.data_dir, "imagenette": args.imagenette_dir}, seed=args.seed,
-        force=args.force, redo=args.redo, log=log, weights_files={"cifar10": args.weights_file},
-    )
+    study = Study(preset, work, args.data_dir, seed=args.seed, force=args.force, redo=args.redo, log=log,
+                  weights_file=args.weights_file)
     if args.report_only:
         if not json_path.is_file():
             raise SystemExit(f"--report-only: {json_path} does not exist")
         results = json.loads(json_path.read_text())
     else:
         results = {
-            "preset": {
-                "name": preset.name, "description": preset.description,
-                "tasks_cfg": {t: dataclasses.asdict(getattr(preset, t)) for t in tasks},
-            },
+            "preset": {"name": preset.name, "description": preset.description,
+                       "tasks_cfg": {"cifar": dataclasses.asdict(preset.cifar)}},
             "command": command, "overrides": list(args.overrides), "seed": args.seed,
             "hardware": hardware, "json_path": str(json_path), "tasks": {},
         }
-        for task in tasks:
-            results["tasks"][task] = study.run_task(task)
-            results["tasks"][task]["config"] = dataclasses.asdict(getattr(preset, task))
-        if json_path.is_file():  # keep the tasks of an earlier invocation that were not run now
-            earlier = json.loads(json_path.read_text())
-            for task, block in earlier.get("tasks", {}).items():
-                # only blocks of the same preset in the current format (per-image records)
-                if task not in results["tasks"] and earlier.get("preset", {}).get("name") == preset.name and "seed_eval" in block:
-                    results["tasks"][task] = block
-                    results["preset"]["tasks_cfg"][task] = earlier["preset"]["tasks_cfg"][task]
-        results["summary"] = {task: task_summary(block) for task, block in results["tasks"].items()}
+        try:
+            with raise_on_sigterm(lambda: Interrupted("SIGTERM")):
+                results["tasks"]["cifar"] = study.run_task("cifar")
+        except KeyboardInterrupt as exc:
+            log(f"interrupted ({exc or 'SIGINT'}) after {study.done} new stage(s): the stage in progress left no "
+                "record; run the same command to continue")
+            raise SystemExit(130) from None
+        results["tasks"]["cifar"]["config"] = dataclasses.asdict(preset.cifar)
+        results["frontier"] = results["tasks"]["cifar"]["frontier"]
+        results["matched"] = results["tasks"]["cifar"]["matched"]
+        results["summary"] = {task: summary(block) for task, block in results["tasks"].items()}
         results["wall_seconds"] = round(time.perf_counter() - start, 1)
         results["stage_seconds"] = round(sum(_stage_seconds(t) for t in results["tasks"].values()), 1)
         results["hardware"]["load_end"] = _load()
         write_json(json_path, results)
-    others = []
-    for other_path in args.compare:
-        other = json.loads(Path(other_path).read_text())
-        other["_source"] = other_path  # where it is now (its json_path is where it was written)
-        others.append(other)
-    path = write_study_report(results, out_dir, doc, others)
+    path = write_study_report(results, out_dir, doc)
     log(f"wrote {json_path} and {path}")
     return results
 
@@ -211,19 +199,18 @@ def check_output_place(preset: str, out_dir: Path, doc: Path, docs_dir: Path = D
             raise SystemExit(
                 f"error: {what} {str(path)!r} is inside {docs_dir}: the smoke preset (a pipeline check with "
                 "chance-level numbers) never writes the committed report; use an --out/--doc outside docs/ "
-                "(default outputs/reproduce/smoke/results) or --preset cpu, cpu_small or gpu"
+                "(default outputs/reproduce/smoke/results) or --preset cpu or gpu"
             )
 
 
 def _stage_seconds(task: dict) -> float:
+    """Compute time of every stage the results rest on (from the stage records, also those of an
+    earlier invocation): training, validation accuracy and evaluation."""
     total = task["pretrain"]["train_seconds"] + task["pretrain"]["sweep"]["seconds"]
     for run in task["runs"].values():
         total += run["train_seconds"] + run["sweep"]["seconds"]
-    for run in task.get("val_sweep", {}).values():
-        total += run["train_seconds"] + run["sweep"]["seconds"]
-    for seeds in task.get("seed_eval", {}).values():
-        for ev in seeds.values():
-            total += ev.get("eval_seconds", 0.0)
+    for ev in task["eval"].values():
+        total += ev.get("eval_seconds", 0.0)
     return total
 
 

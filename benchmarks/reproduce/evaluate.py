@@ -173,9 +173,10 @@ def evaluate_model(
     protocol's default ensemble (ER, ER through the Softplus surrogate where the model has ReLU-type
     activations, MSE, uniform noise) at every budget of ``cfg.eps_list`` with ``cfg.steps`` steps,
     the per-image worst case (cumulative over attacks and smaller budgets), boundary and all-pairs
-    thickness at ``cfg.eps``. Per-image worst-case P@k is stored (``per_image``) for the paired
-    statistics. ``extras``: also SmoothGrad / IG under ER, the paper-protocol attack column, the
-    step check (``cfg.check_steps`` steps at ``cfg.eps``) and PSE.
+    thickness at ``cfg.eps`` (``cfg.thickness_samples`` 0: none), and the paper-protocol attack
+    column on the first ``cfg.paper_size`` images. Per-image worst-case and paper P@k are stored
+    (``per_image``) for the paired statistics. ``extras``: also SmoothGrad / IG under ER, the step
+    check (``cfg.check_steps`` steps at ``cfg.eps``) and PSE, each where its size is > 0.
     """
     t: dict[str, float] = {}
     res: dict[str, Any] = {"relu": relu, "sizes": {}, "per_image": {}}
@@ -185,10 +186,11 @@ def evaluate_model(
     res["ids"] = [int(i) for i in main.ids.tolist()]
     res["sizes"]["main"] = len(main)
 
+    thickness = cfg.thickness_samples > 0
     protocol = EvaluationProtocol(
         eps=list(cfg.eps_list), attacks=None, noise=True, k=k, target="loss", pool=pool, seed=cfg.seed,
-        steps=cfg.steps, localization=False, correlations=True, thickness=True,
-        thickness_samples=cfg.thickness_samples, thickness_points=cfg.thickness_points, thickness_eps=cfg.eps,
+        steps=cfg.steps, localization=False, correlations=True, thickness=thickness,
+        thickness_samples=max(1, cfg.thickness_samples), thickness_points=cfg.thickness_points, thickness_eps=cfg.eps,
     )
     out = _timed(t, "protocol", lambda: protocol.evaluate(net, iter_batches(main.x, main.y, main.ids, cfg.batch_size), device))
     values = out.values
@@ -202,12 +204,19 @@ def evaluate_model(
     res["flip_rate_worst"] = {eps_tag(e): mean_se(values[f"flip_rate/{WORST}/gradient/{eps_tag(e)}"]) for e in protocol.eps}
     for e in protocol.eps:
         res["per_image"][f"worst/{eps_tag(e)}"] = _per_image(values, f"p_at_k/{WORST}/gradient/{eps_tag(e)}")
-    for pairs in ("boundary", "all_pairs"):
+    for pairs in ("boundary", "all_pairs") if thickness else ():
         res[f"thickness_{pairs}"] = mean_se(values[f"thickness/{pairs}/gradient"])
         res["per_image"][f"thickness_{pairs}"] = _per_image(values, f"thickness/{pairs}/gradient")
     worst = res["p_at_k"][WORST]
     log(f"    test acc {res['test_acc']:.3f}; worst P@k " + " / ".join(f"{worst[eps_tag(e)]['mean']:.3f}" for e in protocol.eps)
-        + f" at eps {[round(e * 255, 2) for e in protocol.eps]}/255; thickness {res['thickness_boundary']['mean']:.3f} ({t['protocol']:.0f} s)")
+        + f" at eps {[round(e * 255, 2) for e in protocol.eps]}/255"
+        + (f"; thickness {res['thickness_boundary']['mean']:.3f}" if thickness else "") + f" ({t['protocol']:.0f} s)")
+
+    if cfg.paper_size:
+        paper_set = main.head(cfg.paper_size)
+        res["paper"] = _timed(t, "paper", lambda: paper_column(net, paper_set, cfg, k, device, pool))
+        res["per_image"]["paper"] = res["paper"].pop("per_image")
+        log(f"    paper-protocol attack P@k {res['paper']['p_at_k']['mean']:.3f} ({t['paper']:.0f} s)")
     if not extras:
         res["timings_s"] = t
         return res
@@ -230,12 +239,6 @@ def evaluate_model(
         res["per_image"]["check_strong"] = _per_image({"s": strong}, "s")
         log(f"    step check: worst {float(base.mean()):.3f} with {cfg.steps} steps, {float(combined.mean()):.3f} with the "
             f"{cfg.check_steps}-step attacks added ({float(strong.mean()):.3f} alone) ({t['check']:.0f} s)")
-
-    if cfg.paper_size:
-        paper_set = main.head(cfg.paper_size)
-        res["paper"] = _timed(t, "paper", lambda: paper_column(net, paper_set, cfg, k, device, pool))
-        res["per_image"]["paper"] = res["paper"].pop("per_image")
-        log(f"    paper-protocol attack P@k {res['paper']['p_at_k']['mean']:.3f} ({t['paper']:.0f} s)")
 
     if cfg.explainer_size:
         exp_set = main.head(cfg.explainer_size)
@@ -263,17 +266,20 @@ def evaluate_model(
 
 def paper_column(net: nn.Module, data: ImageSet, cfg: EvalConfig, k: int | float, device, cfg_pool: int | None = None) -> dict[str, Any]:
     """P@k under the R2ET reference threat model (``explanations.attacks.PaperERAttack``, first-flip,
-    in the model's own normalised input space), gradient explanations of the CE loss."""
+    in the model's own normalised input space), gradient explanations of the CE loss. An image
+    whose first step flips the prediction returns the clean image (P@k 1; the reference code has
+    no unflipped iterate there): ``flip_rate`` counts the images stopped by a flip."""
     norm = getattr(net, "normalize", None)
     if norm is None:
         raise ValueError("the paper-protocol column needs a model with a Normalize first layer (mean/std)")
     attack = PaperERAttack(net, mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist(),
                            steps=cfg.paper_steps, step_size=cfg.paper_step_size, k=k, pool=cfg_pool)
-    pk, flips = [], []
+    pk, flips, stopped = [], [], []
     with eval_mode(net):
         for x, y, ids in _chunks(data, cfg.batch_size, device):
             with torch.enable_grad():
                 x_adv = attack(x, y).detach()
+                stopped.append(attack.flipped.float().cpu())
                 s0 = explain_with_logits(net, x, y, "gradient", "loss", cfg_pool).saliency.detach()
                 # the reference threat model leaves [0, 1] (no pixel clipping): its images skip the check
                 s1 = explain_unchecked(net, x_adv, y, "gradient", "loss", cfg_pool).saliency.detach()
@@ -281,7 +287,8 @@ def paper_column(net: nn.Module, data: ImageSet, cfg: EvalConfig, k: int | float
                 flips.append((net(x_adv).argmax(1) != net(x).argmax(1)).float().cpu())
             pk.append(precision_at_k(s0, s1, k).cpu())
     p = torch.cat(pk)
-    return {"p_at_k": mean_se(p), "flip_rate": mean_se(torch.cat(flips)), "steps": cfg.paper_steps,
+    return {"p_at_k": mean_se(p), "flip_rate": mean_se(torch.cat(flips)), "stopped_by_flip": mean_se(torch.cat(stopped)),
+            "steps": cfg.paper_steps,
             "step_size": cfg.paper_step_size, "n": len(data), "per_image": _per_image({"p": p}, "p")}
 
 

@@ -14,8 +14,12 @@ hook) over the l_inf ball of radius ``eps`` around x0, clipped to [0, 1]:
 - **step size**: ``step_size=None`` (default) runs APGD's schedule (:mod:`.schedule`: start at
   2 eps, halve at checkpoints when progress stalls, restart from the best point, momentum 0.75);
   a float keeps that fixed step (no momentum, no checkpoints; a flip still halves it for the
-  sample). Steps are signed (``step="sign"``: x += eta sign(g)) or l2-normalised (``"l2"``:
-  x += eta sqrt(d) g / ||g||_2, the Euclidean length of a signed step).
+  sample). Steps are signed (``step="sign"``: x += eta sign(g); eta = ``step_size`` is the step's
+  l_inf length, pixel units) or l2-normalised (``"l2"``: x += eta g / ||g||_2; eta = ``step_size``
+  is the step's **l2 length** in pixel units, before the projection). Without a ``step_size`` an
+  l2 step takes the Euclidean length of the signed step it replaces, sqrt(d) times the l_inf
+  default (d values per image): 2 eps sqrt(d) to start the APGD schedule, 2.5 eps sqrt(d) / steps
+  with ``legacy``.
 - **restarts**: ``restarts=N`` runs N starts; restart 0 starts at the clean image (or at
   ``x_init``, or at a random point when ``random_start``), restart r >= 1 at a random point of
   the ball. Random points are counter-based: sample i's start depends only on
@@ -37,7 +41,7 @@ step and per random start (the last step of a run skips its second backward). Ev
 every step (masks, no per-sample Python loop).
 
 ``legacy=True`` runs the previous first-flip attack instead (fixed step, default
-2.5 eps / steps, one start; a sample stops at its first prediction flip and returns its last
+2.5 eps / steps (l2: times sqrt(d)), one start; a sample stops at its first prediction flip and returns its last
 unflipped iterate), for comparison and to reproduce earlier numbers; adversarial training uses it
 as its cheap fixed-budget training attack.
 
@@ -99,7 +103,9 @@ class RankingAttack:
     Args:
         model: classifier mapping images in [0, 1] to logits.
         eps: l_inf radius in (0, 1] (pixel units, e.g. 8/255). steps: steps per restart T >= 1.
-        step_size: None = APGD schedule; a float = fixed step (l_inf units). step: ``sign``/``l2``.
+        step_size: None = APGD schedule; a float = fixed step length in pixel units: its l_inf
+            length under ``step="sign"``, its **l2 length** under ``step="l2"``.
+        step: ``sign`` (signed steps) or ``l2`` (l2-normalised steps).
         k: top-k size (int or fraction of the n features). pair_set, minmax_m: ERAttack's J.
         method, method_kwargs: explanation method attacked (``explanations.explainers``).
         target: explained scalar (``loss`` or ``logit``). pool: saliency pooling.
@@ -165,8 +171,8 @@ class RankingAttack:
         check_method(method, method_kwargs)
         self.model, self.eps, self.steps = model, float(eps), steps
         self.legacy = bool(legacy)
-        if step_size is None and self.legacy:
-            step_size = 2.5 * self.eps / steps
+        if step_size is None and self.legacy and step == "sign":
+            step_size = 2.5 * self.eps / steps  # l2: resolved per call (_default_step needs d)
         self.step_size = None if step_size is None else float(step_size)
         self.k, self.pair_set, self.minmax_m = k, pair_set, minmax_m
         self.method, self.method_kwargs = method, dict(method_kwargs or {})
@@ -183,7 +189,7 @@ class RankingAttack:
         self.objective: Tensor | None = None
 
     def __repr__(self) -> str:
-        size = "apgd" if self.step_size is None else f"{self.step_size:.4g}"
+        size = f"{self.step_size:.4g}" if self.step_size is not None else ("2.5eps*sqrt(d)/steps" if self.legacy else "apgd")
         return (
             f"{type(self).__name__}(eps={self.eps:.4g}, steps={self.steps}, step_size={size}, "
             f"k={self.k}, method={self.method!r}, target={self.target!r}, step={self.step!r}, "
@@ -215,15 +221,23 @@ class RankingAttack:
         return project(x, x0, self.eps)
 
     def _direction(self, grad: Tensor, eta: Tensor) -> Tensor:
-        """The step for step sizes eta (B,): eta sign(g), or eta sqrt(d) g / ||g||_2."""
+        """The step for step lengths eta (B,): eta sign(g) (l_inf length eta), or eta g / ||g||_2
+        (l2 length eta)."""
         eta = eta.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
         if self.step == "sign":
             return eta * grad.sign()
         norm = grad.flatten(1).norm(dim=1).clamp_min(torch.finfo(grad.dtype).tiny)
-        return (eta * math.sqrt(grad[0].numel())) * grad / norm.view(-1, *([1] * (grad.dim() - 1)))
+        return eta * grad / norm.view(-1, *([1] * (grad.dim() - 1)))
 
-    def _initial_step(self) -> float:
-        return 2.0 * self.eps if self.step_size is None else self.step_size
+    def _default_step(self, d: int) -> float:
+        """The step length without a ``step_size`` for images of d values: 2 eps (the APGD
+        schedule's start) or 2.5 eps / steps (``legacy``), times sqrt(d) for ``l2`` steps (the
+        Euclidean length of that signed step, so both step kinds travel alike)."""
+        base = 2.5 * self.eps / self.steps if self.legacy else 2.0 * self.eps
+        return base * math.sqrt(d) if self.step == "l2" else base
+
+    def _initial_step(self, d: int) -> float:
+        return self._default_step(d) if self.step_size is None else self.step_size
 
     # ------------------------------------------------------------------ passes
     def _explain(self, x: Tensor, labels: Tensor | None, create_graph: bool, classes: Tensor | None) -> Explanation:
@@ -343,7 +357,7 @@ class RankingAttack:
         x, grad = _where(ok, start, x0), _where(ok, g, g0)
         cur_obj = torch.where(ok, obj, obj0)
         x_prev = x
-        eta = torch.full_like(p0, self._initial_step(), dtype=_step_dtype(x0.device))
+        eta = torch.full_like(p0, self._initial_step(x0[0].numel()), dtype=_step_dtype(x0.device))
         schedule = self.step_size is None
         checkpoints = dict(apgd_checkpoints(self.steps)) if schedule else {}
         increases = torch.zeros_like(undone)
@@ -393,7 +407,7 @@ class RankingAttack:
         x0 = images.detach()
         b, device = x0.shape[0], x0.device
         k = self._k(x0)
-        step = torch.full((b,), self.step_size, dtype=_step_dtype(device), device=device)
+        step = torch.full((b,), self._initial_step(x0[0].numel()), dtype=_step_dtype(device), device=device)
         with eval_mode(self.model), torch.enable_grad():
             beta = self.surrogate = self._surrogate_for(x0)
             x_cur = self._start(x0, ids, 0).clone()

@@ -238,7 +238,7 @@ def test_at_objective_is_registered_and_trains():
     out = objective(model, x, y)
     assert model.training and model[1].training
     assert all(p.grad is None for p in model.parameters())
-    assert set(out.terms) == {"ce", "ce_adv", "loss", "attack_flipped"}
+    assert set(out.terms) == {"ce", "ce_adv", "loss", "attack_flipped", "attack_l2", "attack_linf"}
     assert out.logits.shape == (6, 3) and torch.isfinite(out.loss)
     assert calls[-1] == 12  # clean and attacked images share one forward
     assert not torch.equal(model[1].running_mean, running)  # only that train-mode forward moved BN
@@ -273,3 +273,116 @@ def test_at_objective_in_the_lightning_module():
     assert torch.isfinite(loss) and module.model.training
     loss.backward()
     assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- step lengths
+def _one_step(step: str, step_size: float):
+    """x_adv - x of one fixed step from mid-grey images (the [0, 1] box and the eps box never bind)."""
+    model = small_double_model()
+    x = 0.5 + 0.01 * double_data(4)[0]
+    y = model(x).argmax(1)  # any labels: one step of this size keeps the prediction here
+    attack = ERAttack(model, eps=1.0, steps=1, step_size=step_size, step=step, k=10, legacy=True)
+    x_adv = attack(x, y)
+    assert not attack.flipped.any()
+    return (x_adv - x).flatten(1)
+
+
+def test_an_l2_step_has_l2_length_step_size_and_a_sign_step_linf_length_step_size():
+    d = 3 * 8 * 8
+    delta = _one_step("l2", 0.05)
+    torch.testing.assert_close(delta.norm(dim=1), torch.full((4,), 0.05, dtype=delta.dtype))
+    assert (delta.abs().amax(dim=1) < 0.05).all()  # l_inf <= l2, strictly for a spread gradient
+    delta = _one_step("sign", 0.01)  # unchanged: l_inf = step_size, l2 = step_size * sqrt(d)
+    torch.testing.assert_close(delta.abs().amax(dim=1), torch.full((4,), 0.01, dtype=delta.dtype))
+    torch.testing.assert_close(delta.norm(dim=1), torch.full((4,), 0.01 * d ** 0.5, dtype=delta.dtype))
+
+
+def test_an_l2_step_without_step_size_travels_like_the_signed_step():
+    """The defaults of the l2 step are the Euclidean length of the signed step they replace."""
+    d = 3 * 8 * 8
+    model = small_double_model()
+    attack = ERAttack(model, eps=0.02, steps=4, step="l2", k=10, legacy=True)
+    assert attack._initial_step(d) == pytest.approx(2.5 * 0.02 / 4 * d ** 0.5)
+    assert ERAttack(model, eps=0.02, steps=4, step="l2")._initial_step(d) == pytest.approx(2 * 0.02 * d ** 0.5)
+    assert ERAttack(model, eps=0.02, steps=4)._initial_step(d) == pytest.approx(2 * 0.02)
+
+
+def _normalized_model(std=(0.229, 0.224, 0.225)):
+    from lightning_modules.backbones import NormalizedClassifier
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Softplus(beta=5.0), nn.Flatten(), nn.Linear(4 * 64, 3))
+    return NormalizedClassifier(body, mean=(0.485, 0.456, 0.406), std=std).double()
+
+
+def test_at_at_the_reference_strength_steps_one_normalised_unit():
+    """units: normalized, one l2 step of 1: the kept training perturbation is exactly one
+    normalised unit long (l2 of (x_adv - x) / std), its pixel l2 between min(std) and max(std)."""
+    model = _normalized_model()
+    x, y = double_data(6)
+    x = 0.25 + 0.5 * x
+    objective = build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized")
+    objective.check_model(model)
+    attack = objective.attack_for(model)
+    x_adv = attack(x, y)
+    kept = ~attack.flipped
+    assert kept.sum() >= 4
+    std = model.normalize.std
+    z = ((x_adv - x) / std).flatten(1)[kept]
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(int(kept.sum()), dtype=z.dtype))
+    assert (z.abs().amax(dim=1) <= 1.0 + 1e-12).all()  # the box (1 unit) never binds a unit step
+    pixel = (x_adv - x).flatten(1)[kept].norm(dim=1)
+    assert ((pixel >= 0.224 - 1e-9) & (pixel <= 0.229 + 1e-9)).all()
+    out = objective(model, x, y)  # the objective trains on that attack and logs its size
+    assert out.terms["attack_l2"] <= 0.229 + 1e-9 and out.terms["attack_linf"] <= 0.229 + 1e-9
+
+
+def test_at_normalized_units_refusals():
+    with pytest.raises(ValueError, match=r"units='normalized'.*does not take \{'eps': 0.1\}"):
+        build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized", eps=0.1)
+    with pytest.raises(ValueError, match=r"does not take \{'step': 'sign'\}"):
+        build_objective("at", k=10, steps=1, step_size=1.0, units="normalized")
+    with pytest.raises(ValueError, match=r"units='metric' is not known; valid: \('pixel', 'normalized'\)"):
+        build_objective("at", k=10, units="metric")
+    objective = build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized")
+    with pytest.raises(ValueError, match="needs a model with a `normalize` layer"):
+        objective.check_model(small_double_model())
+
+
+
+def test_a_long_reference_at_step_keeps_its_l2_length_under_a_one_pixel_box():
+    """Steps longer than 1 / max(std) normalised units keep the box at 1 pixel; the step's l2
+    length is still step_size normalised units (the box binds only on a pixel moved by > 1)."""
+    model = _normalized_model()
+    x, y = double_data(6)
+    x = 0.25 + 0.5 * x
+    objective = build_objective("at", k=10, steps=1, step="l2", step_size=8.0, units="normalized")
+    objective.check_model(model)
+    attack = objective.attack_for(model)
+    assert attack.eps == pytest.approx(1 / 0.229)  # the box, normalised units: 1 pixel for the widest std
+    x_adv = attack(x, y)
+    kept = ~attack.flipped
+    z = ((x_adv - x) / model.normalize.std).flatten(1)[kept]
+    assert kept.any() and (z.abs().amax(dim=1) < attack.eps).all()
+    torch.testing.assert_close(z.norm(dim=1), torch.full((int(kept.sum()),), 8.0, dtype=z.dtype))
+    reference = build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized")
+    assert reference.attack_for(model).eps == pytest.approx(1.0)  # the reference's box: steps * step_size
+
+
+def test_the_classifier_checks_its_model_against_the_objective_when_built(monkeypatch):
+    """RobustClassifier calls ``objective.check_model(model)`` once it has its model, so a model the
+    training attack cannot run on is refused before any step."""
+    classifier = pytest.importorskip("lightning_modules.classifier")
+    from explanations.adversarial_training import AdversarialTraining
+
+    def refuse(self, model):
+        raise ValueError(f"refused {type(model).__name__}")
+
+    at = {"objective": "at", "k": 8, "objective_kwargs": {"steps": 1, "step": "l2", "step_size": 1.0, "units": "normalized"}}
+    kwargs = dict(backbone="resnet9", backbone_kwargs={"width": 2}, num_classes=3, activation="softplus", **at)
+    module = classifier.RobustClassifier(**kwargs)
+    attack = module.objective.attack_for(module.model)  # the model's own std: the reference box of 1 unit
+    assert isinstance(attack, ERAttack) and attack.eps == pytest.approx(1.0)
+    monkeypatch.setattr(AdversarialTraining, "check_model", refuse)
+    with pytest.raises(ValueError, match="refused NormalizedClassifier"):
+        classifier.RobustClassifier(**kwargs)

@@ -111,6 +111,11 @@ def test_every_attack_refuses_zero_steps(name):
 def test_paper_box_radius_must_be_a_pixel_budget():
     with pytest.raises(ValueError, match=r"steps \* step_size = 8 normalised units is a box of radius 2 in pixel units"):
         PaperERAttack(tiny_model(), MEAN, STD, steps=100, step_size=0.08)
+    with pytest.raises(ValueError, match=r"box=-1.0 must be a positive finite number"):
+        PaperERAttack(tiny_model(), MEAN, STD, steps=1, step_size=1.0, box=-1.0)
+    with pytest.raises(ValueError, match=r"is a box of radius 1.25 in pixel units"):
+        PaperERAttack(tiny_model(), MEAN, STD, steps=1, step_size=1.0, box=5.0)
+    assert PaperERAttack(tiny_model(), MEAN, STD, steps=100, step_size=0.08, box=4.0).eps == 4.0  # 1 pixel: kept
 
 
 @pytest.mark.parametrize("name", list(ATTACK_FACTORIES))
