@@ -1,6 +1,6 @@
 """Cost of one training step per objective: median wall time and peak memory.
 
-    python -m benchmarks.step_cost --out docs/benchmarks/step_cost.json
+    python -m benchmarks.step_cost   # writes outputs/benchmarks/step_cost.json; docs/benchmarks.md has the committed commands
 
 For each backbone (ResNet-18 with the 32 px CIFAR stem, ResNet-9 width 64) at batch 64 on 32 x 32
 inputs, one training step = ``zero_grad`` + objective + one ``backward`` + ``SGD.step``, model in
@@ -506,7 +506,7 @@ def run_fit(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/step_cost.json"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/step_cost.json"))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
     parser.add_argument("--batch-size", type=int, default=64)

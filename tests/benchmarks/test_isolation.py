@@ -26,3 +26,19 @@ def test_attack_throughput_runs_each_invocation_in_a_fresh_process(tmp_path):
     # the first invocation's details, then the others'
     assert len(stored["details"]["invocation_details"]) == 1
     assert result["ratio"] == stored["ratio"] and "callback_overhead" not in stored
+
+
+def test_step_profile_splits_the_step_and_counts_r2et_convolutions(tmp_path):
+    """R2ET runs 4 forward convolutions per vanilla one (forward, curvature forward, and one per
+    input gradient's double backward), the basis of the floor in docs/benchmarks.md."""
+    from benchmarks.step_profile import main as step_profile
+
+    out = tmp_path / "profile.json"
+    result = step_profile(["--out", str(out), "--objectives", "vanilla", "r2et", "--resnet9-width", "4",
+                           "--threads", "1", "--invocations", "1"])
+    assert json.loads(out.read_text())["ratios"] == result["ratios"]
+    for row in (result["vanilla"], result["r2et"]):
+        assert row["conv_ms"] > 0 and row["total_ms"] == pytest.approx(row["conv_ms"] + row["other_ms"])
+    forward = "aten::mkldnn_convolution"
+    assert result["r2et"]["calls"][forward] == 4 * result["vanilla"]["calls"][forward]
+    assert result["ratios"]["r2et"]["conv"]["median"] > 2
