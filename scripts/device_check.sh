@@ -105,9 +105,12 @@ run_step gpu_tests 130 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TEST
 # ---- 2. step cost on the device --------------------------------------------------------------
 if [[ $DRY -eq 1 ]]; then
     run_step step_cost 90 "$PY" -m benchmarks.step_cost --device cpu --out "$OUT/step_cost.json" \
-        --backbones resnet9 --objectives vanilla r2et --batch-size 2 --warmup 0 --repeats 1 --resnet9-width 4 --no-memory
+        --backbones resnet9 --objectives vanilla r2et --batch-size 2 --warmup 0 --repeats 1 --resnet9-width 4 --no-memory \
+        --invocations 1
 else
-    run_step step_cost 130 "$PY" -m benchmarks.step_cost --device cuda --out "$OUT/step_cost.json"
+    # isolated layout (a fresh process per objective beside a fresh vanilla one): 8 processes fit the box
+    run_step step_cost 130 "$PY" -m benchmarks.step_cost --device cuda --out "$OUT/step_cost.json" \
+        --backbones resnet9 resnet18 --objectives vanilla r2et --invocations 2
 fi
 
 # ---- 3. short R2ET fine-tune with the evaluation callbacks ------------------------------------
