@@ -23,9 +23,12 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def _hardware() -> dict:
@@ -113,8 +116,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM during a run: raised at once (the stage in progress writes no record)."""
+class Interrupted(SIGTERMException):
+    """SIGTERM or SIGINT during a run: raised at once; the stage in progress writes no record. A
+    SystemExit (Lightning's SIGTERMException), which Lightning's fit re-raises, where on a
+    KeyboardInterrupt it would shut down and call ``sys.exit(1)`` without our message."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,13 +173,16 @@ def main(argv: list[str] | None = None) -> dict:
             "command": command, "overrides": list(args.overrides), "seed": args.seed,
             "hardware": hardware, "json_path": str(json_path), "tasks": {},
         }
+        previous_sigint = signal.signal(signal.SIGINT, _raise_interrupted)
         try:
             with raise_on_sigterm(lambda: Interrupted("SIGTERM")):
                 results["tasks"]["cifar"] = study.run_task("cifar")
-        except KeyboardInterrupt as exc:
-            log(f"interrupted ({exc or 'SIGINT'}) after {study.done} new stage(s): the stage in progress left no "
-                "record; run the same command to continue")
+        except (KeyboardInterrupt, Interrupted) as exc:
+            log(f"interrupted ({exc.code if isinstance(exc, Interrupted) else 'SIGINT'}) after {study.done} new "
+                "stage(s): the stage in progress left no record; run the same command to continue")
             raise SystemExit(130) from None
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
         results["tasks"]["cifar"]["config"] = dataclasses.asdict(preset.cifar)
         results["frontier"] = results["tasks"]["cifar"]["frontier"]
         results["matched"] = results["tasks"]["cifar"]["matched"]

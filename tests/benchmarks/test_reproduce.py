@@ -82,6 +82,27 @@ def _in_unit(x):
     return isinstance(x, float) and 0.0 <= x <= 1.0
 
 
+def test_sigterm_inside_a_fit_exits_130_with_the_message_and_no_record(tmp_path, cifar, monkeypatch, capsys):
+    """Inside Lightning's fit a KeyboardInterrupt would end in Lightning's sys.exit(1) with no
+    message; the study's stop is a SIGTERMException that Lightning re-raises."""
+    from lightning_modules.classifier import RobustClassifier
+
+    real_step = RobustClassifier.training_step
+
+    def step_then_sigterm(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(RobustClassifier, "training_step", step_then_sigterm)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(_args(tmp_path, cifar))
+    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) == previous
+    assert "interrupted (SIGTERM) after 0 new stage(s)" in capsys.readouterr().out
+    stages = tmp_path / "work" / "stages" / "cifar"
+    assert not stages.exists() or not any(stages.rglob("*.json"))  # the interrupted pretrain left no record
+
+
 def test_frontier_end_to_end_interrupted_and_resumed(tmp_path, cifar, monkeypatch):
     stages = tmp_path / "work" / "stages" / "cifar"
     real_eval = pipeline.evaluate_model
