@@ -315,20 +315,27 @@ def _normalized_model(std=(0.229, 0.224, 0.225)):
     return NormalizedClassifier(body, mean=(0.485, 0.456, 0.406), std=std).double()
 
 
-def test_at_at_the_reference_strength_steps_one_normalised_unit():
-    """units: normalized, one l2 step of 1: the kept training perturbation is exactly one
-    normalised unit long (l2 of (x_adv - x) / std), its pixel l2 between min(std) and max(std)."""
+def _reference_at_step(step_size):
+    """The AT objective with ``units: normalized``, one l2 step of ``step_size``, on a normalised
+    model: (model, objective, attack, x, y, x_adv, kept, z) with z the kept perturbations in
+    normalised units, flattened."""
     model = _normalized_model()
     x, y = double_data(6)
     x = 0.25 + 0.5 * x
-    objective = build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized")
+    objective = build_objective("at", k=10, steps=1, step="l2", step_size=step_size, units="normalized")
     objective.check_model(model)
     attack = objective.attack_for(model)
     x_adv = attack(x, y)
     kept = ~attack.flipped
+    z = ((x_adv - x) / model.normalize.std).flatten(1)[kept]
+    return model, objective, attack, x, y, x_adv, kept, z
+
+
+def test_at_at_the_reference_strength_steps_one_normalised_unit():
+    """units: normalized, one l2 step of 1: the kept training perturbation is exactly one
+    normalised unit long (l2 of (x_adv - x) / std), its pixel l2 between min(std) and max(std)."""
+    model, objective, _, x, y, x_adv, kept, z = _reference_at_step(1.0)
     assert kept.sum() >= 4
-    std = model.normalize.std
-    z = ((x_adv - x) / std).flatten(1)[kept]
     torch.testing.assert_close(z.norm(dim=1), torch.ones(int(kept.sum()), dtype=z.dtype))
     assert (z.abs().amax(dim=1) <= 1.0 + 1e-12).all()  # the box (1 unit) never binds a unit step
     pixel = (x_adv - x).flatten(1)[kept].norm(dim=1)
@@ -349,20 +356,11 @@ def test_at_normalized_units_refusals():
         objective.check_model(small_double_model())
 
 
-
 def test_a_long_reference_at_step_keeps_its_l2_length_under_a_one_pixel_box():
     """Steps longer than 1 / max(std) normalised units keep the box at 1 pixel; the step's l2
     length is still step_size normalised units (the box binds only on a pixel moved by > 1)."""
-    model = _normalized_model()
-    x, y = double_data(6)
-    x = 0.25 + 0.5 * x
-    objective = build_objective("at", k=10, steps=1, step="l2", step_size=8.0, units="normalized")
-    objective.check_model(model)
-    attack = objective.attack_for(model)
+    model, _, attack, x, y, x_adv, kept, z = _reference_at_step(8.0)
     assert attack.eps == pytest.approx(1 / 0.229)  # the box, normalised units: 1 pixel for the widest std
-    x_adv = attack(x, y)
-    kept = ~attack.flipped
-    z = ((x_adv - x) / model.normalize.std).flatten(1)[kept]
     assert kept.any() and (z.abs().amax(dim=1) < attack.eps).all()
     torch.testing.assert_close(z.norm(dim=1), torch.full((int(kept.sum()),), 8.0, dtype=z.dtype))
     reference = build_objective("at", k=10, steps=1, step="l2", step_size=1.0, units="normalized")
