@@ -48,7 +48,9 @@ as its cheap fixed-budget training attack.
 After a call: ``p_at_k`` (B,) best P@k (float32; None with ``legacy``), ``objective`` (B,) J at
 the returned point, ``flipped`` (B,) bool (some step flipped the prediction), ``undone`` (B,)
 number of undone steps, ``steps_taken`` (B,) accepted steps over all restarts, ``clean_logits``
-(B, K) and ``surrogate`` (the beta used, or None).
+(B, K), ``surrogate`` (the beta used, or None) and ``explanation``: the real model's saliency
+(B, n) and logits (B, K) at the returned images, as scored (detached; None with ``legacy``), so a
+caller need not explain them again.
 
 The model runs in eval mode (every submodule's flag restored), inside ``torch.enable_grad()``,
 with ``torch.autograd.grad`` w.r.t. the input only: parameter ``.grad`` is never touched.
@@ -186,6 +188,7 @@ class RankingAttack:
         self.steps_taken: Tensor | None = None
         self.clean_logits: Tensor | None = None
         self.p_at_k: Tensor | None = None
+        self.explanation: Explanation | None = None
         self.objective: Tensor | None = None
 
     def __repr__(self) -> str:
@@ -304,7 +307,7 @@ class RankingAttack:
                 return obj.detach(), g
 
             def evaluate(x: Tensor, need_grad: bool = True):
-                """(J, P@k, prediction kept, dJ/dx or None) at x, batched."""
+                """(J, P@k, prediction kept, dJ/dx or None, real saliency, real logits) at x, batched."""
                 xa = x.detach().requires_grad_(True)
                 with self._mode(beta):
                     out = self._explain(xa, labels, need_grad, classes)
@@ -317,14 +320,15 @@ class RankingAttack:
                 else:
                     real = self._explain(x.detach(), labels, False, classes)
                     s_real, logits = real.saliency.detach(), real.logits.detach()
-                return obj, precision_at_k(s_clean, s_real, k), logits.argmax(1) == pred0, g
+                return obj, precision_at_k(s_clean, s_real, k), logits.argmax(1) == pred0, g, s_real, logits
 
             if beta is None:
                 obj0, g0 = gradient(xa0, clean)
             else:
-                obj0, _, _, g0 = evaluate(x0)
+                obj0, _, _, g0, _, _ = evaluate(x0)
             p0 = torch.ones(x0.shape[0], dtype=metric_dtype(s_clean), device=x0.device)
             best_x, best_p, best_obj = x0.clone(), p0.clone(), obj0.clone()
+            best_s, best_logits = s_clean, logits0
             b = x0.shape[0]
             undone = torch.zeros(b, dtype=torch.long, device=x0.device)
             taken = torch.zeros_like(undone)
@@ -333,27 +337,31 @@ class RankingAttack:
                     start = self._project(x_init.detach().to(x0.dtype), x0)
                 else:
                     start = self._start(x0, ids, restart)
-                run = self._run(x0, start, (obj0, p0, g0), evaluate, undone, taken)
+                run = self._run(x0, start, (obj0, p0, g0, s_clean, logits0), evaluate, undone, taken)
                 improved = _better(run[1], run[2], best_p, best_obj)
                 best_x = _where(improved, run[0], best_x)
                 best_p = torch.where(improved, run[1], best_p)
                 best_obj = torch.where(improved, run[2], best_obj)
+                best_s, best_logits = _where(improved, run[3], best_s), _where(improved, run[4], best_logits)
         self.clean_logits, self.p_at_k, self.objective = logits0, best_p, best_obj
+        self.explanation = Explanation(best_s, best_logits)
         self.undone, self.flipped, self.steps_taken = undone, undone > 0, taken
         return best_x.detach()
 
-    def _run(self, x0: Tensor, start: Tensor, clean: tuple[Tensor, Tensor, Tensor], evaluate, undone: Tensor,
-             taken: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One start: returns the run's best (x, P@k, J) per sample; counts undone/accepted steps."""
-        obj0, p0, g0 = clean
+    def _run(self, x0: Tensor, start: Tensor, clean: tuple[Tensor, ...], evaluate, undone: Tensor,
+             taken: Tensor) -> tuple[Tensor, ...]:
+        """One start: returns the run's best (x, P@k, J, real saliency, real logits) per sample;
+        counts undone/accepted steps."""
+        obj0, p0, g0, s0, l0 = clean
         if torch.equal(start, x0):
-            obj, p, ok, g = obj0, p0, torch.ones_like(p0, dtype=torch.bool), g0
+            obj, p, ok, g, sal, logits = obj0, p0, torch.ones_like(p0, dtype=torch.bool), g0, s0, l0
         else:
-            obj, p, ok, g = evaluate(start)
+            obj, p, ok, g, sal, logits = evaluate(start)
         # the run's best starts as the clean image; a start that flips falls back to it
         start_better = ok & _better(p, obj, p0, obj0)
         ax, ag = _where(start_better, start, x0), _where(start_better, g, g0)
         ap, aobj = torch.where(start_better, p, p0), torch.where(start_better, obj, obj0)
+        asal, alogits = _where(start_better, sal, s0), _where(start_better, logits, l0)
         x, grad = _where(ok, start, x0), _where(ok, g, g0)
         cur_obj = torch.where(ok, obj, obj0)
         x_prev = x
@@ -372,7 +380,7 @@ class RankingAttack:
             else:
                 x_new = z
             last = t == self.steps - 1
-            obj, p, ok, g = evaluate(x_new, need_grad=not last)
+            obj, p, ok, g, sal, logits = evaluate(x_new, need_grad=not last)
             if g is None:
                 g = grad
             undone += (~ok).long()
@@ -381,6 +389,7 @@ class RankingAttack:
             improved = ok & _better(p, obj, ap, aobj)
             ax, ag = _where(improved, x_new, ax), _where(improved, g, ag)
             ap, aobj = torch.where(improved, p, ap), torch.where(improved, obj, aobj)
+            asal, alogits = _where(improved, sal, asal), _where(improved, logits, alogits)
             # accepted steps move on; flipped ones go back to the best iterate with half the step
             x_prev = _where(ok, x, ax)
             x = _where(ok, x_new, ax)
@@ -399,7 +408,7 @@ class RankingAttack:
                 cur_obj = torch.where(halve, aobj, cur_obj)
                 fresh = fresh | halve
                 increases = torch.zeros_like(increases)
-        return ax, ap, aobj
+        return ax, ap, aobj, asal, alogits
 
     # ------------------------------------------------------------------ the previous attack
     def _legacy_call(self, images: Tensor, labels: Tensor | None, ids: Tensor | None) -> Tensor:
@@ -465,7 +474,7 @@ class RankingAttack:
                     x_cur[good] = self._project(moved, x0[good])
                     taken[good] += 1
         self.flipped, self.steps_taken, self.undone = flipped, taken, flipped.long()
-        self.p_at_k = self.objective = None
+        self.p_at_k = self.objective = self.explanation = None
         return x_keep.detach()
 
     forward = __call__

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from explanations.attacks.registry import register_attack
-from explanations.explainers import check_method, eval_mode, explain_unchecked
+from explanations.explainers import Explanation, check_method, eval_mode, explain_unchecked
 from explanations.pgd import uniform_in_ball
 from explanations.ranking_metrics import precision_at_k
 from explanations.saliency import check_target, num_features, resolve_k
@@ -52,8 +52,9 @@ class UniformNoise:
     Returns:
         ``noise(images, labels=None, ids=None)``: noisy images (B, C, H, W) (``images``: float,
         finite, in [0, 1], checked once per call); after a call
-        ``p_at_k`` (B,), ``flipped`` (B,) (every draw flipped), ``steps_taken`` (zeros) and
-        ``clean_logits`` (B, K) as for the attacks.
+        ``p_at_k`` (B,), ``flipped`` (B,) (every draw flipped), ``steps_taken`` (zeros),
+        ``clean_logits`` (B, K) and ``explanation`` (saliency and logits at the returned images)
+        as for the attacks.
 
     Examples:
         >>> x_noise = UniformNoise(model, eps=8 / 255, seed=0)(images, labels, ids)
@@ -78,6 +79,7 @@ class UniformNoise:
         self.target, self.pool, self.draws, self.stream = target, pool, draws, stream
         self.keep_prediction = bool(keep_prediction)
         self.p_at_k = self.flipped = self.steps_taken = self.clean_logits = None
+        self.explanation: Explanation | None = None
 
     def __repr__(self) -> str:
         return f"UniformNoise(eps={self.eps:.4g}, seed={self.seed}, draws={self.draws}, k={self.k})"
@@ -99,6 +101,7 @@ class UniformNoise:
             pred0 = logits0.argmax(1)
             classes = pred0 if self.target == "logit" else None
             best_x, best_p = x0.clone(), torch.ones_like(precision_at_k(s0, s0, k))
+            best_s, best_logits = s0, logits0
             kept_any = torch.zeros_like(pred0, dtype=torch.bool)
             for draw in range(self.draws):
                 x = uniform_in_ball(x0, self.eps, ids, self.seed, stream=self.stream + draw)
@@ -108,8 +111,11 @@ class UniformNoise:
                 better = ok & (p < best_p) if self.keep_prediction else torch.ones_like(ok)
                 best_x = torch.where(better.view(-1, 1, 1, 1), x, best_x)
                 best_p = torch.where(better, p, best_p)
+                best_s = torch.where(better.view(-1, 1), out.saliency.detach(), best_s)
+                best_logits = torch.where(better.view(-1, 1), out.logits.detach(), best_logits)
                 kept_any |= ok
         self.p_at_k, self.flipped, self.clean_logits = best_p, ~kept_any, logits0  # flipped: no kept draw
+        self.explanation = Explanation(best_s, best_logits)
         self.steps_taken = torch.zeros_like(pred0)
         return best_x.detach()
 

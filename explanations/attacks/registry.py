@@ -2,7 +2,9 @@
 
 An attack class is called ``cls(model, **options)`` and its instances ``attack(images, labels,
 ids)`` (images (B, C, H, W) in [0, 1]) return the perturbed images, each prediction kept, and set
-``p_at_k``, ``flipped``, ``steps_taken`` and ``clean_logits`` (B, ...) after a call.
+``p_at_k``, ``flipped``, ``steps_taken`` and ``clean_logits`` (B, ...) after a call, and
+``explanation`` (the real model's saliency and logits at the returned images, or None: the
+evaluation protocol then explains them itself).
 
 Registry metadata, read by the evaluation protocol and iterated by the tests:
 

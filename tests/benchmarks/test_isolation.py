@@ -42,3 +42,18 @@ def test_step_profile_splits_the_step_and_counts_r2et_convolutions(tmp_path):
     forward = "aten::mkldnn_convolution"
     assert result["r2et"]["calls"][forward] == 4 * result["vanilla"]["calls"][forward]
     assert result["ratios"]["r2et"]["conv"]["median"] > 2
+
+
+def test_evaluation_cost_compares_the_pass_savings_with_the_same_results(tmp_path):
+    """Three variants in fresh processes: the shipped protocol explains each batch once (the clean
+    pass), the one before explains every attacked image again (2 budgets x er and noise); the
+    per-image values are the same in all three."""
+    from benchmarks.evaluation_cost import main as evaluation_cost
+
+    out = tmp_path / "eval.json"
+    result = evaluation_cost(["--out", str(out), "--images", "4", "--repeats", "1", "--invocations", "1",
+                              "--threads", "1"])
+    assert json.loads(out.read_text()) == result
+    assert result["same_results"] is True
+    assert result["protocol_explanations_per_evaluation"] == {"shipped": 1, "pytorch_eval_bn": 1, "before": 5}
+    assert set(result["ratio_over_shipped"]) == {"pytorch_eval_bn", "before"}

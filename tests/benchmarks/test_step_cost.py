@@ -56,3 +56,9 @@ def test_isolated_layout_pairs_fresh_processes_and_reports_the_spread(tmp_path):
     assert row["invocations"] == 2 and row["ratio_min"] == pytest.approx(min(ratios), abs=1e-3)
     assert row["ratio_max"] == pytest.approx(max(ratios), abs=1e-3)
     assert row["ratio_to_vanilla"] == pytest.approx(sum(ratios) / 2, abs=1e-3)  # the median of two
+    # the fastest-step ratio: the objective's fastest step over vanilla's, each over every invocation
+    fastest = min(p["r2et_noh"]["ms_min"] for p in pairs) / min(p["vanilla"]["ms_min"] for p in pairs)
+    assert row["best_ratio_to_vanilla"] == pytest.approx(fastest, abs=1e-3)
+    per_invocation = [p["r2et_noh"]["ms_min"] / p["vanilla"]["ms_min"] for p in pairs]
+    assert row["best_ratio_min"] == pytest.approx(min(per_invocation), abs=1e-3)
+    assert row["best_ratio_max"] == pytest.approx(max(per_invocation), abs=1e-3)

@@ -9,7 +9,7 @@ from explanations import OBJECTIVES, build_objective
 from explanations.attacks import ATTACKS, ERAttack, MSEAttack, build_attack
 from explanations.pgd import uniform_in_ball
 from explanations.regularizers import block_gap
-from explanations.explainers import explain
+from explanations.explainers import explain, explain_with_logits
 from explanations.ranking_metrics import precision_at_k
 from explanations.saliency import ranking
 
@@ -145,6 +145,11 @@ def test_every_registered_attack_keeps_the_contract(trained, name):
     if "steps" not in type(attack).options:  # not an optimiser (the noise baseline): no steps
         assert (attack.steps_taken == 0).all()
     torch.testing.assert_close(attack.clean_logits, model(x).detach())
+    # the scoring pass at the returned images, kept for the caller: what explaining them again gives
+    again = explain_with_logits(model, x_adv, y)
+    torch.testing.assert_close(attack.explanation.saliency, again.saliency, rtol=0, atol=0)
+    torch.testing.assert_close(attack.explanation.logits, again.logits, rtol=0, atol=0)
+    assert not attack.explanation.saliency.requires_grad
 
 
 def test_an_attack_given_an_option_it_does_not_take_is_refused_naming_its_options():

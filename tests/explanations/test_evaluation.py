@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explanations.evaluation import EvaluationProtocol, eps_label, iter_batches, parse_attacks
+from explanations.ranking_metrics import precision_at_k
 from explanations.report import build_report, write_report_files
 
 EPS = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
@@ -128,3 +129,23 @@ def test_an_evaluation_traces_the_model_once_not_per_batch_budget_and_member(tra
     protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], k=10, steps=1, thickness=False)  # er_surrogate: auto
     protocol.evaluate(net, iter_batches(x, y, ids, 4))  # 3 batches x 2 budgets x (er_surrogate, its auto check)
     assert "er_surrogate" in protocol.names and len(traced) == 1, traced  # one trace for the whole evaluation
+
+
+def test_an_evaluation_explains_each_attacked_image_once(trained, monkeypatch):
+    """The attacks hand back their scoring pass at the returned images: the protocol adds one clean
+    explanation per batch and method, not one per attack and budget (and the numbers are those of
+    explaining every attacked image again)."""
+    import explanations.evaluation as evaluation
+
+    net, x, y, ids = trained
+    protocol = EvaluationProtocol(eps=[2 / 255, 8 / 255], k=10, steps=2, thickness=False)
+    calls = []
+    original = evaluation.explain_unchecked
+    monkeypatch.setattr(evaluation, "explain_unchecked", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    result = protocol.evaluate(net, iter_batches(x, y, ids, 6))
+    assert len(calls) == 2  # 2 batches x 1 method: the clean pass only
+    for spec in protocol.prepare(net, x[:1])[0]:
+        attack = protocol._build(spec, net, "gradient", 8 / 255)
+        x_adv = attack(x, y, ids=ids)
+        s0, s_adv = original(net, x, y, "gradient", "loss", None).saliency, original(net, x_adv, y, "gradient", "loss", None).saliency
+        torch.testing.assert_close(result.values[f"p_at_k/{spec.name}/gradient/eps_8"], precision_at_k(s0, s_adv, 10).float())
