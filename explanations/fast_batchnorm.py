@@ -19,12 +19,9 @@ gg_beta of the weight gradients, when those were part of the graph):
                + gg_gamma r P(gy)
 
 (the derivation is in docs/benchmarks.md; ``tests/explanations/test_fast_batchnorm.py`` checks it
-against PyTorch's own double backward in float64). Eval mode with a graph (an attack's input
-gradients) is the affine map ``x a + (beta - mu a)`` written as one ``addcmul``: its first and
-double backward are one multiplication each, where PyTorch's eval-mode ``native_batch_norm_backward``
-and its composite double backward make several passes. Without a graph (and under autocast)
-PyTorch's module runs unchanged; a third derivative of the training mode is refused with a clear
-error.
+against PyTorch's own double backward in float64). Eval mode (running statistics: an affine map
+whose double backward is already cheap) runs PyTorch's module unchanged; a third derivative is
+refused with a clear error.
 
 Use :func:`use_fast_batchnorm` on a model (in place: the modules keep their parameters, buffers,
 state-dict keys and ``isinstance(m, nn.BatchNorm2d)``); RobustClassifier does it for
@@ -149,12 +146,8 @@ class FastBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         use_batch_stats = self.training or not self.track_running_stats
-        if not self.affine or x.dim() != 4 or not torch.is_grad_enabled():
+        if not use_batch_stats or not self.affine or x.dim() != 4 or not torch.is_grad_enabled():
             return super().forward(x)
-        if not use_batch_stats:
-            if torch.is_autocast_enabled(x.device.type):  # PyTorch's kernel keeps its own precision rules
-                return super().forward(x)
-            return self._eval_affine(x)
         self._check_input_dim(x)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -163,17 +156,6 @@ class FastBatchNorm2d(nn.BatchNorm2d):
         else:
             momentum, running_mean, running_var = 0.0, None, None
         return _BatchNormTrain.apply(x, self.weight, self.bias, running_mean, running_var, momentum, self.eps)
-
-
-    def _eval_affine(self, x: Tensor) -> Tensor:
-        """Eval mode with a graph: y = x a + (beta - mu a), a = gamma / sqrt(var + eps) per channel
-        (PyTorch's CPU inference kernel computes the same two factors). Its backward is one
-        multiplication, and so is the double backward an attack runs through it; gamma and beta
-        get their gradients through a and the shift."""
-        self._check_input_dim(x)
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
-        return torch.addcmul(_channel(shift).to(x.dtype), x, _channel(scale).to(x.dtype))
 
 
 def use_fast_batchnorm(model: nn.Module) -> int:
