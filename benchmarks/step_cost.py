@@ -30,8 +30,9 @@ vanilla median of the same pair, and the JSON gives its median, min and max over
 vanilla step was 15-20% slower). Next to it, ``best_ratio_to_vanilla``: the objective's fastest step
 over vanilla's fastest, each over all its invocations (``best_ratio_min``/``_max``: the same per
 invocation). On a shared machine noise only ever adds time (the cores run slower at times), so the
-fastest steps are the least disturbed ones: this ratio is the reproducible one (docs/benchmarks.md
-gives two runs of one command). ``--interleaved`` times all objectives in one process,
+fastest steps are the least disturbed ones: this ratio is the steadier of the two, though on a
+machine whose speed drifts neither repeats within 5% (docs/benchmarks.md gives two runs of one
+command). ``--interleaved`` times all objectives in one process,
 round-robin (the earlier layout, kept to show that bias). ``--fit`` adds the user-level figure:
 images/s of ``train.py fit -c configs/default.yaml`` (no callbacks, the first ``--fit-skip``
 steps left out) with ``--model.objective vanilla`` and ``r2et``, fresh processes, alternated.
